@@ -1,0 +1,274 @@
+"""The building blocks every model shares: convolution padding, pooling, norms, activations, initialisers."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+ModuleDef = Any
+PaddingLike = str | int | Sequence[tuple[int, int]]
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)  # type: ignore[return-value]
+
+
+def _unknown(kind: str, name: str, choices: Sequence[str]) -> ValueError:
+    close = difflib.get_close_matches(name, choices, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return ValueError(f"unknown {kind} {name!r}.{hint} Choose one of: {', '.join(sorted(choices))}.")
+
+
+# --- padding and output size -------------------------------------------------------------------
+
+
+def explicit_padding(
+    padding: PaddingLike, kernel_size: int | Sequence[int], dilation: int | Sequence[int] = 1
+) -> str | list[tuple[int, int]]:
+    """Translates 'VALID', 'SAME', 'FULL' or an int into what `lax.conv_general_dilated` accepts.
+
+    FULL pads k-1 zeros on each side (the textbook 'full' convolution), which `lax` has no name for.
+    """
+    kernel, dil = _pair(kernel_size), _pair(dilation)
+    if isinstance(padding, str):
+        mode = padding.upper()
+        if mode == "FULL":
+            return [((k - 1) * d, (k - 1) * d) for k, d in zip(kernel, dil, strict=True)]
+        if mode in ("SAME", "VALID"):
+            return mode
+        raise _unknown("padding", padding, ["VALID", "SAME", "FULL"])
+    if isinstance(padding, int):
+        return [(padding, padding)] * len(kernel)
+    return [tuple(p) for p in padding]  # type: ignore[misc]
+
+
+def conv_output_size(size: int, kernel: int, stride: int = 1, padding: PaddingLike = "VALID",
+                     dilation: int = 1) -> int:
+    """Output length of a convolution or pooling along one axis: floor((n + 2p - k_eff) / s) + 1."""
+    k_eff = (kernel - 1) * dilation + 1
+    if isinstance(padding, str) and padding.upper() == "SAME":
+        return -(-size // stride)  # ceil(n / s), independent of the kernel
+    pads = explicit_padding(padding, kernel, dilation)
+    low, high = (0, 0) if pads == "VALID" else pads[0]
+    return (size + low + high - k_eff) // stride + 1
+
+
+class Conv(nn.Conv):
+    """`nn.Conv` that also accepts padding='FULL'. Same parameters, same names, same speed."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.padding, str) and self.padding.upper() == "FULL":
+            # Resolved once at construction, so `nn.Conv.__call__` only ever sees explicit pairs.
+            object.__setattr__(
+                self, "padding", explicit_padding("FULL", self.kernel_size, self.kernel_dilation or 1)
+            )
+        super().__post_init__()
+
+
+def conv_im2col(x: Array, kernel: Array, strides: int | Sequence[int] = 1,
+                padding: PaddingLike = "VALID") -> Array:
+    """Convolution as im2col followed by one matrix product (teaching and testing, not speed).
+
+    x: [N, H, W, C_in]; kernel: [kh, kw, C_in, C_out] (HWIO, as flax stores it). Every output
+    position's receptive field is unrolled into a row of length kh*kw*C_in; the convolution is then
+    the product of that [N*Ho*Wo, kh*kw*C_in] matrix with the kernel reshaped to [kh*kw*C_in, C_out].
+    """
+    kh, kw, c_in, c_out = kernel.shape
+    sh, sw = _pair(strides)
+    pads = explicit_padding(padding, (kh, kw))
+    if pads == "VALID":
+        pads = [(0, 0), (0, 0)]
+    elif pads == "SAME":
+        pads = [lax.padtype_to_pads((n,), (k,), (s,), "SAME")[0]
+                for n, k, s in zip(x.shape[1:3], (kh, kw), (sh, sw), strict=True)]
+    x = jnp.pad(x, [(0, 0), pads[0], pads[1], (0, 0)])
+    n, h, w, _ = x.shape
+    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+    rows = jnp.arange(ho)[:, None] * sh + jnp.arange(kh)[None, :]  # [Ho, kh]
+    cols = jnp.arange(wo)[:, None] * sw + jnp.arange(kw)[None, :]  # [Wo, kw]
+    patches = x[:, rows[:, None, :, None], cols[None, :, None, :], :]  # [N, Ho, Wo, kh, kw, C]
+    matrix = patches.reshape(n * ho * wo, kh * kw * c_in)
+    return (matrix @ kernel.reshape(kh * kw * c_in, c_out)).reshape(n, ho, wo, c_out)
+
+
+# --- pooling -----------------------------------------------------------------------------------
+
+
+def max_pool(x: Array, window: int, stride: int | None = None, padding: PaddingLike = "VALID") -> Array:
+    """Max pooling over a square window; stride defaults to the window (non-overlapping)."""
+    stride = window if stride is None else stride
+    return nn.max_pool(x, (window, window), (stride, stride), explicit_padding(padding, window))
+
+
+def avg_pool(x: Array, window: int, stride: int | None = None, padding: PaddingLike = "VALID") -> Array:
+    """Average pooling; zero padding is excluded from the average, as in torchvision's count_include_pad=False."""
+    stride = window if stride is None else stride
+    return nn.avg_pool(x, (window, window), (stride, stride), explicit_padding(padding, window),
+                       count_include_pad=False)
+
+
+def global_avg_pool(x: Array) -> Array:
+    """[N, H, W, C] -> [N, C], averaged in fp32 so bf16 feature maps lose no precision."""
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
+
+
+# --- normalisation -----------------------------------------------------------------------------
+
+
+def batch_norm(train: bool, *, dtype: Any = None, momentum: float = 0.9, epsilon: float = 1e-5,
+               **kwargs: Any) -> nn.BatchNorm:
+    """Batch norm with torch's defaults (momentum 0.1 in torch = 0.9 here, eps 1e-5).
+
+    Parameters and running statistics are fp32 whatever the compute dtype: flax computes the batch
+    mean and variance in at least fp32 (`force_float32_reductions`), and `param_dtype` is fp32.
+    Under `jax.jit` with a batch sharded over the mesh, the mean is taken over the global batch.
+    """
+    return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon,
+                        dtype=dtype, param_dtype=jnp.float32, **kwargs)
+
+
+class LocalResponseNorm(nn.Module):
+    """AlexNet's local response normalisation across channels (Krizhevsky 2012, section 3.3).
+
+    Uses torch's convention: alpha is divided by `size`, so (size=5, alpha=1e-4, beta=0.75, k=2)
+    reproduces `torch.nn.LocalResponseNorm` with the paper's constants.
+    """
+
+    size: int = 5
+    alpha: float = 1e-4
+    beta: float = 0.75
+    k: float = 2.0
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        sq = jnp.square(x.astype(jnp.float32))
+        half = self.size // 2
+        padded = jnp.pad(sq, [(0, 0)] * 3 + [(half, self.size - 1 - half)])
+        window_sum = lax.reduce_window(padded, 0.0, lax.add, (1, 1, 1, self.size), (1, 1, 1, 1), "VALID")
+        denom = (self.k + self.alpha / self.size * window_sum) ** self.beta
+        return (x.astype(jnp.float32) / denom).astype(x.dtype)
+
+
+# --- activations and initialisers --------------------------------------------------------------
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "relu": nn.relu,
+    "relu6": nn.relu6,
+    "leaky_relu": functools.partial(nn.leaky_relu, negative_slope=0.01),
+    "elu": nn.elu,
+    "sigmoid": nn.sigmoid,
+    "tanh": jnp.tanh,
+    "silu": nn.silu,
+    "swish": nn.swish,
+    "gelu": nn.gelu,
+    "identity": lambda x: x,
+}
+
+
+def activation(name: str | Callable[[Array], Array]) -> Callable[[Array], Array]:
+    """Looks an activation up by name; a callable passes through unchanged."""
+    if callable(name):
+        return name
+    try:
+        return ACTIVATIONS[name.lower()]
+    except KeyError:
+        raise _unknown("activation", name, list(ACTIVATIONS)) from None
+
+
+_he_fan_out_normal = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+INITIALIZERS: dict[str, Callable[..., Array]] = {
+    "xavier_uniform": nn.initializers.xavier_uniform(),
+    "xavier_normal": nn.initializers.xavier_normal(),
+    "glorot_uniform": nn.initializers.glorot_uniform(),
+    "glorot_normal": nn.initializers.glorot_normal(),
+    "he_normal": nn.initializers.he_normal(),
+    "he_uniform": nn.initializers.he_uniform(),
+    "kaiming_normal": nn.initializers.he_normal(),
+    "kaiming_uniform": nn.initializers.he_uniform(),
+    # torchvision's ResNet/VGG choice: kaiming_normal_(mode="fan_out", nonlinearity="relu").
+    "he_normal_fan_out": _he_fan_out_normal,
+    "lecun_normal": nn.initializers.lecun_normal(),
+    "lecun_uniform": nn.initializers.lecun_uniform(),
+    "zeros": nn.initializers.zeros,
+    "normal_0.01": nn.initializers.normal(0.01),
+    "small_normal": nn.initializers.normal(0.01),
+}
+
+
+def initializer(name: str | Callable[..., Array]) -> Callable[..., Array]:
+    """Looks a weight initialiser up by name; a callable passes through unchanged."""
+    if callable(name):
+        return name
+    try:
+        return INITIALIZERS[name.lower()]
+    except KeyError:
+        raise _unknown("initializer", name, list(INITIALIZERS)) from None
+
+
+# --- shared arithmetic -------------------------------------------------------------------------
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """Rounds channels to a multiple of `divisor`, never more than 10% below `value` (MobileNetV2/EfficientNet)."""
+    min_value = divisor if min_value is None else min_value
+    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+# --- pooling with torch's output-size rules ----------------------------------------------------
+
+
+def _adaptive_bins(size: int, out: int) -> list[tuple[int, int]]:
+    # torch.nn.AdaptiveAvgPool2d: bin i covers [floor(i*n/out), ceil((i+1)*n/out)); bins may overlap.
+    return [((i * size) // out, -(-(i + 1) * size // out)) for i in range(out)]
+
+
+def _adaptive_matrix(size: int, out: int) -> Array:
+    rows = [[1.0 / (end - start) if start <= j < end else 0.0 for j in range(size)]
+            for start, end in _adaptive_bins(size, out)]
+    return jnp.asarray(rows, jnp.float32)  # [out, size]
+
+
+def adaptive_avg_pool(x: Array, output_size: int | Sequence[int]) -> Array:
+    """Averages [N, H, W, C] down (or up) to output_size with torch's AdaptiveAvgPool2d bins.
+
+    Each output axis is a fixed averaging matrix applied to the input axis, so a 1x1 map pooled to
+    7x7 is repeated (as torch does) and a 5 -> 3 pool uses overlapping bins. A map that already has
+    the target size is returned unchanged (VGG at 224, AlexNet at 224).
+    """
+    out_h, out_w = _pair(output_size)
+    if min(out_h, out_w) < 1:
+        raise ValueError(f"adaptive_avg_pool needs an output size >= 1, got {output_size}.")
+    _, h, w, _ = x.shape
+    if (h, w) == (out_h, out_w):
+        return x
+    rows, cols = _adaptive_matrix(h, out_h), _adaptive_matrix(w, out_w)
+    # HIGHEST: an fp32 matmul on GPU/TPU otherwise rounds through tf32/bf16 and the mean is inexact.
+    y = jnp.einsum("oh,nhwc,pw->nopc", rows, x.astype(jnp.float32), cols,
+                   precision=lax.Precision.HIGHEST)
+    return y.astype(x.dtype)
+
+
+def max_pool_ceil(x: Array, window: int, stride: int | None = None, padding: int = 0) -> Array:
+    """Max pooling with torch's ceil_mode=True output size (GoogLeNet: 112 -> 56, not 55).
+
+    out = ceil((n + 2p - k) / s) + 1, minus one if the last window would start in the right
+    padding; the missing right edge is padded with -inf, so it never wins the max.
+    """
+    stride = window if stride is None else stride
+    pads = []
+    for size in x.shape[1:3]:
+        out = -(-(size + 2 * padding - window) // stride) + 1
+        if (out - 1) * stride >= size + padding:
+            out -= 1
+        pads.append((padding, max(0, (out - 1) * stride + window - size - padding)))
+    return nn.max_pool(x, (window, window), (stride, stride), pads)
