@@ -1,0 +1,1 @@
+"""Training engine: losses, optimisers, train state and step, loop, checkpoints, metrics and reports."""
