@@ -1,0 +1,116 @@
+"""The pure train and eval step functions and their sharded jit compilation."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from cnnjax import distributed
+from cnnjax.train import losses, optim
+from cnnjax.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    loss_cfg: ml_collections.ConfigDict,
+    num_classes: int,
+    ema_decay: float = 0.0,
+    accumulate_steps: int = 1,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimisation step on one global batch; returns the new state and scalar metrics."""
+    dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        logits, new_vars = model.apply(
+            variables,
+            batch["image"],
+            train=True,
+            rngs={"dropout": dropout_rng},
+            mutable=["batch_stats"],
+        )
+        logits = logits.astype(jnp.float32)
+        loss = losses.compute_loss(
+            loss_cfg, logits, batch["label"], num_classes, batch.get("target")
+        )
+        return loss, (logits, new_vars.get("batch_stats", state.batch_stats))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = state.ema_params
+    if ema_params is not None:
+        ema_params = optim.ema_update(ema_params, params, ema_decay)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+        ema_params=ema_params,
+    )
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        # With accumulation the schedule advances once per optimizer update, not per micro-batch.
+        "learning_rate": jnp.asarray(schedule(state.step // accumulate_steps), jnp.float32),
+        "grad_norm": optax.global_norm(grads),
+        "param_norm": optax.global_norm(params),
+        "update_norm": optax.global_norm(updates),
+    }
+    return new_state, metrics
+
+
+def eval_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    model: nn.Module,
+    loss_cfg: ml_collections.ConfigDict,
+    num_classes: int,
+    use_ema: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Softmax probabilities [B, C] and per-example losses [B] (fp32) of one eval batch."""
+    params = state.ema_params if use_ema else state.params
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
+    per_example = losses.per_example_loss(loss_cfg, logits, batch["label"], num_classes)
+    return jax.nn.softmax(logits, axis=-1), per_example, batch["label"], batch["mask"]
+
+
+def compile_steps(mesh: Mesh, **kwargs: Any) -> tuple[Callable, Callable]:
+    """Jitted (train_step, eval_step): state replicated, batch split over "data", state donated.
+
+    kwargs are train_step's keyword arguments; eval_step takes the ones it needs.
+    """
+    replicated = distributed.replicated(mesh)
+    batch = distributed.batch_sharded(mesh)
+    train = jax.jit(
+        functools.partial(train_step, **kwargs),
+        in_shardings=(replicated, batch),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    eval_kwargs = {k: kwargs[k] for k in ("model", "loss_cfg", "num_classes")}
+    use_ema = kwargs.get("ema_decay", 0.0) > 0
+    # Outputs replicated so every process can read all predictions without a separate gather.
+    evaluate = jax.jit(
+        functools.partial(eval_step, use_ema=use_ema, **eval_kwargs),
+        in_shardings=(replicated, batch),
+        out_shardings=replicated,
+    )
+    return train, evaluate

@@ -1,0 +1,91 @@
+"""Every experiments/*.py config: loads, has the contract fields and a docstring with its command
+and expected result, and its `:smoke` version trains offline on the CPU."""
+
+import glob
+import json
+import os
+
+import ml_collections
+import pytest
+
+import launch
+from cnnjax import config as config_lib
+from cnnjax.models import MODELS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(
+    os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "experiments", "[a-z]*.py"))
+)
+REQUIRED = [
+    "lenet5_digits",
+    "lenet5_mnist",
+    "resnet20_cifar10",
+    "resnet18_cifar10",
+    "vgg16_cifar10",
+    "googlenet_cifar10",
+    "densenet_bc100_cifar10",
+    "mobilenet_v2_cifar10",
+    "efficientnet_b0_cifar10",
+    "resnet50_imagenet",
+    "efficientnet_b0_imagenet",
+    "alexnet_imagenet",
+    "vgg16_imagenet",
+]
+FIELDS = [
+    "model.name",
+    "data.name",
+    "data.path",
+    "batch_size",
+    "num_epochs",
+    "seed",
+    "optimizer.name",
+    "optimizer.learning_rate",
+]
+
+
+@pytest.fixture(autouse=True)
+def _in_repo_root(monkeypatch):
+    monkeypatch.chdir(ROOT)  # configs name data paths relative to the repository root
+    # In-process launch.main calls must not repoint this test session's JAX compilation cache.
+    monkeypatch.setenv("CNNJAX_COMPILATION_CACHE", "off")
+
+
+def test_all_required_configs_exist():
+    assert set(REQUIRED) <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_fields_and_docstring(name):
+    path = f"experiments/{name}.py"
+    config, run_name = config_lib.load_config(path)
+    assert isinstance(config, ml_collections.ConfigDict) and run_name == name
+    for field in FIELDS:
+        node = config
+        for part in field.split("."):
+            node = node[part]
+    assert config.model.name in MODELS
+    json.loads(config_lib.to_json(config))
+    doc = open(path).read().split('"""')[1]
+    command = "python launch.py" if name == "lenet5_digits" else f"python launch.py --config {path}"
+    assert command in doc and "Expected" in doc and "Measured:" in doc
+
+
+# lenet5_digits:smoke runs as a real subprocess in test_launch.py.
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [c for c in CONFIGS if c != "lenet5_digits"])
+def test_smoke_run(name, tmp_path):
+    workdir = tmp_path / name
+    assert (
+        launch.main(
+            [
+                "--config",
+                f"experiments/{name}.py:smoke",
+                "--workdir",
+                str(workdir),
+                "--config.log_every_steps=100",
+            ]
+        )
+        == 0
+    )
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["steps"] == 3 and results["dataset"] == "digits"
