@@ -35,6 +35,9 @@ EXPECTED_PARAMS = {
     "efficientnet_b0": 5_288_548, "efficientnet_b1": 7_794_184, "efficientnet_b2": 9_109_994,
     "efficientnet_b3": 12_233_232, "efficientnet_b4": 19_341_616, "efficientnet_b5": 30_389_784,
     "efficientnet_b6": 43_040_704, "efficientnet_b7": 66_347_960,
+    # cnnjax's own ablation nets (10 classes), pinned so a silent change shows up
+    "ablation_inception": 36_274, "ablation_bottleneck": 128_842,
+    "ablation_receptive_field": 891_274, "plainnet": 47_066,
 }
 # Variants reached through constructor options rather than their own registry name.
 EXPECTED_VARIANT_PARAMS = [

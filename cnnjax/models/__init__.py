@@ -10,7 +10,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from cnnjax.models import alexnet, densenet, efficientnet, googlenet, lenet, mobilenet, resnet, vgg
+from cnnjax.models import ablation, alexnet, densenet, efficientnet, googlenet, lenet, mobilenet, resnet, vgg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +99,20 @@ MODELS: dict[str, ModelSpec] = {
                               "inverted residuals with linear bottlenecks",
                               small=dict(width_multiplier=0.25)),
     **{f"efficientnet_{v}": _efficientnet(v) for v in efficientnet.SCALING},
+    # Small nets for the ablation studies (cnnjax/models/ablation.py), one design choice as a switch.
+    "ablation_inception": ModelSpec(ablation.InceptionNet, 32,
+                                    "small GoogLeNet; 1x1 reductions on/off (reduce=)", num_classes=10,
+                                    small=dict(stem_width=8, blocks=((4, 4, 8, 2, 4, 4),) * 2),
+                                    small_input=8),
+    "ablation_bottleneck": ModelSpec(ablation.BottleneckNet, 32,
+                                     "plain 3x3 vs 1x1-reduced 3x3 units (bottleneck=)",
+                                     num_classes=10, small=dict(width=8, stage_sizes=(1, 1)),
+                                     small_input=8),
+    "ablation_receptive_field": ModelSpec(ablation.ReceptiveFieldNet, 32,
+                                          "stacked 3x3 vs one 5x5/7x7 unit (unit=)", num_classes=10,
+                                          small=dict(width=8, stage_sizes=(1, 1)), small_input=8),
+    "plainnet": ModelSpec(ablation.PlainNet, 28, "deep plain CNN, optional identity skips (residual=)",
+                          in_channels=1, num_classes=10, small=dict(depth=4, width=4), small_input=8),
 }
 
 
