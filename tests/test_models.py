@@ -50,8 +50,9 @@ def _shapes(name, **overrides):
     spec = models.get_spec(name)
     model = models.create_model(name, **overrides)
     x = jax.ShapeDtypeStruct((2, spec.input_size, spec.input_size, spec.in_channels), jnp.float32)
-    variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
-    logits = jax.eval_shape(functools.partial(model.apply, train=False), variables, x)
+    # One trace gives both: init runs the forward pass anyway.
+    logits, variables = jax.eval_shape(
+        functools.partial(model.init_with_output, train=False), jax.random.key(0), x)
     return variables, logits
 
 

@@ -209,3 +209,15 @@ def test_aux_head_gets_gradients_and_dropout_in_train():
     _, out_b = grads_and_outputs(variables["params"], 1)
     assert all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
     assert not np.allclose(out_a, out_b)  # dropout 0.7 is active in train
+
+
+def test_googlenet_module_subset_keeps_pools_and_rejects_unknown_names():
+    from cnnjax.models.googlenet import GoogLeNet
+
+    x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    subset = GoogLeNet(num_classes=10, modules=("3a", "4a", "5a"), width_multiplier=0.125)
+    variables = jax.eval_shape(functools.partial(subset.init, train=False), jax.random.key(0), x)
+    assert sorted(k for k in variables["params"] if k.startswith("inception")) == [
+        "inception3a", "inception4a", "inception5a"]
+    with pytest.raises(ValueError, match="unknown inception modules"):
+        GoogLeNet(modules=("3a", "6a")).init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))

@@ -10,7 +10,17 @@ from typing import Any
 
 import flax.linen as nn
 
-from cnnjax.models import ablation, alexnet, densenet, efficientnet, googlenet, lenet, mobilenet, resnet, vgg
+from cnnjax.models import (
+    ablation,
+    alexnet,
+    densenet,
+    efficientnet,
+    googlenet,
+    lenet,
+    mobilenet,
+    resnet,
+    vgg,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +45,12 @@ _VGG_SMALL = dict(width_multiplier=1 / 16, hidden=32)
 _RESNET_SMALL = dict(stage_sizes=(1, 1, 1, 1), width=8)
 _CIFAR_SMALL = dict(stage_sizes=(1, 1, 1), width=4)
 _DENSE_SMALL = dict(block_config=(1, 1, 1, 1), growth_rate=4, num_init_features=8)
-# dropout pinned so the eight variants shrink to one network and are tested once
-_EFFNET_SMALL = dict(width_coefficient=0.25, depth_coefficient=0.25, dropout_rate=0.2)
+# Dropout and batch-norm constants pinned so the eight variants shrink to one network, tested once.
+_EFFNET_SMALL = dict(width_coefficient=0.25, depth_coefficient=0.25, dropout_rate=0.2,
+                     bn_epsilon=1e-5, bn_momentum=0.9)
+# One block per stage, two in the 24-channel stage so the identity-shortcut path is still built.
+_MOBILENET_V2_SMALL_STAGES = tuple((t, c, 2 if c == 24 else 1, s)
+                                   for t, c, n, s in mobilenet.MOBILENET_V2_STAGES)
 
 
 def _efficientnet(variant: str) -> ModelSpec:
@@ -65,7 +79,8 @@ MODELS: dict[str, ModelSpec] = {
     "vgg19_bn": ModelSpec(vgg.VGG19_BN, 224, "VGG with batch norm", small=_VGG_SMALL),
     "googlenet": ModelSpec(googlenet.GoogLeNet, 224,
                            "inception modules with 1x1 reductions, global average pooling",
-                           small=dict(width_multiplier=0.125), small_input=64),
+                           small=dict(width_multiplier=0.125, modules=("3a", "4a", "4d", "5a")),
+                           small_input=64),
     "resnet18": ModelSpec(resnet.ResNet18, 224, "skip connections (basic blocks)", small=_RESNET_SMALL),
     "resnet34": ModelSpec(resnet.ResNet34, 224, "skip connections (basic blocks)", small=_RESNET_SMALL),
     "resnet50": ModelSpec(resnet.ResNet50, 224, "skip connections with 1x1 bottleneck blocks",
@@ -97,7 +112,7 @@ MODELS: dict[str, ModelSpec] = {
                               small=dict(width_multiplier=0.25)),
     "mobilenet_v2": ModelSpec(mobilenet.MobileNetV2, 224,
                               "inverted residuals with linear bottlenecks",
-                              small=dict(width_multiplier=0.25)),
+                              small=dict(width_multiplier=0.25, stages=_MOBILENET_V2_SMALL_STAGES)),
     **{f"efficientnet_{v}": _efficientnet(v) for v in efficientnet.SCALING},
     # Small nets for the ablation studies (cnnjax/models/ablation.py), one design choice as a switch.
     "ablation_inception": ModelSpec(ablation.InceptionNet, 32,

@@ -132,6 +132,9 @@ class GoogLeNet(nn.Module):
     kernel_init: str | Callable[..., jax.Array] = "normal_0.01"
     inception: ModuleDef = Inception
     aux_head: ModuleDef = InceptionAux
+    # Which rows of INCEPTION to build, in order; a subset keeps the same pools and heads (the
+    # tests' small variant uses one module per stage plus 4d).
+    modules: Sequence[str] = tuple(INCEPTION)
 
     def __post_init__(self) -> None:
         if self.branch5x5_kernel < 1 or self.branch5x5_kernel % 2 == 0:
@@ -157,7 +160,12 @@ class GoogLeNet(nn.Module):
         x = block(_scaled(192, w), 3, padding=1, name="conv3")(x, train)
         x = layers.max_pool_ceil(x, 3, 2)
         run_aux = self.aux_logits and (train or self.is_initializing())
-        for name, widths in INCEPTION.items():
+        unknown = sorted(set(self.modules) - set(INCEPTION))
+        if unknown:
+            raise ValueError(f"GoogLeNet: unknown inception modules {unknown}; "
+                             f"choose from {', '.join(INCEPTION)}.")
+        for name in self.modules:
+            widths = INCEPTION[name]
             if name in ("4a", "5a"):
                 x = layers.max_pool_ceil(x, 3 if name == "4a" else 2, 2)
             x = self.inception(widths=tuple(_scaled(c, w) for c in widths),
