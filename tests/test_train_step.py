@@ -109,3 +109,41 @@ def test_state_moves_batch_stats_and_ema_and_eval_gives_probabilities():
     assert probs.shape == (16, 4) and per_example.shape == (16,)
     np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, rtol=1e-5)
     assert probs.dtype == jnp.float32
+
+
+class AuxNet(nn.Module):
+    """Sows auxiliary logits in training the way GoogLeNet's aux heads do."""
+
+    num_classes: int = 4
+    aux_scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        features = x.mean(axis=(1, 2))
+        logits = nn.Dense(self.num_classes, name="fc")(features)
+        if train:
+            self.sow("intermediates", "aux_logits", self.aux_scale * logits)
+        return logits
+
+
+def test_aux_logits_add_their_weighted_loss():
+    from cnnjax.train.step import AUX_LOSS_WEIGHT, train_step
+
+    mesh = distributed.make_mesh()
+    batch = _batch(mesh)
+    loss_cfg = losses.loss_config()
+    cfg = optim.optimizer_config()
+    tx, schedule = optim.make_optimizer(cfg, steps_per_epoch=1, num_epochs=1)
+    results = {}
+    for scale in (0.0, 1.0):
+        model = AuxNet(aux_scale=scale)
+        state = create_train_state(model, tx, seed=0, input_shape=(8, 8, 1), mesh=mesh)
+        _, metrics = train_step(state, batch, model=model, tx=tx, schedule=schedule,
+                                loss_cfg=loss_cfg, num_classes=4)
+        logits = model.apply({"params": state.params}, batch["image"])
+        results[scale] = (float(metrics["loss"]),
+                          float(losses.compute_loss(loss_cfg, logits, batch["label"], 4)))
+    main = results[1.0][1]
+    # aux logits equal to the main ones: loss = (1 + 0.3) x main; all-zero aux logits add 0.3 x log(4).
+    np.testing.assert_allclose(results[1.0][0], (1 + AUX_LOSS_WEIGHT) * main, rtol=1e-5)
+    np.testing.assert_allclose(results[0.0][0], main + AUX_LOSS_WEIGHT * np.log(4), rtol=1e-5)

@@ -38,7 +38,9 @@ def local_rows(sharding: NamedSharding, batch_size: int) -> np.ndarray:
 
 def fits_on_device(nbytes: int, mesh: Mesh) -> bool:
     """Whether a dataset of `nbytes` fits comfortably: < 1/4 of device memory, or < 2 GiB without stats (CPU)."""
-    stats = mesh.devices.flat[0].memory_stats() or {}
+    # A local device: another process's devices have no readable memory stats.
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    stats = local[0].memory_stats() or {}
     limit = stats.get("bytes_limit")
     return nbytes < (limit // 4 if limit else CPU_RESIDENT_BYTES)
 

@@ -18,6 +18,7 @@ from cnnjax.train import losses, optim
 from cnnjax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
+AUX_LOSS_WEIGHT = 0.3  # Szegedy et al. 2014, section 5
 
 
 def train_step(
@@ -42,12 +43,18 @@ def train_step(
             batch["image"],
             train=True,
             rngs={"dropout": dropout_rng},
-            mutable=["batch_stats"],
+            mutable=["batch_stats", "intermediates"],
         )
         logits = logits.astype(jnp.float32)
         loss = losses.compute_loss(
             loss_cfg, logits, batch["label"], num_classes, batch.get("target")
         )
+        # Auxiliary classifiers (GoogLeNet's aux_logits=True) sow their logits; the paper adds
+        # their losses with weight 0.3. Models without aux heads sow nothing.
+        for aux in jax.tree.leaves(new_vars.get("intermediates", {}).get("aux_logits", ())):
+            loss = loss + AUX_LOSS_WEIGHT * losses.compute_loss(
+                loss_cfg, aux.astype(jnp.float32), batch["label"], num_classes, batch.get("target")
+            )
         return loss, (logits, new_vars.get("batch_stats", state.batch_stats))
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -83,8 +90,8 @@ def eval_step(
     loss_cfg: ml_collections.ConfigDict,
     num_classes: int,
     use_ema: bool = False,
-) -> tuple[jax.Array, jax.Array]:
-    """Softmax probabilities [B, C] and per-example losses [B] (fp32) of one eval batch."""
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Softmax probabilities [B, C], per-example losses [B] (fp32), labels and mask of one eval batch."""
     params = state.ema_params if use_ema else state.params
     variables = {"params": params, "batch_stats": state.batch_stats}
     logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
