@@ -75,24 +75,27 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState) -
 
 
 def restore_weights(directory: str, abstract_state: TrainState) -> tuple[Any, Any]:
-    """(params, batch_stats) of the latest checkpoint under `directory`, for `init_from`."""
+    """(params, batch_stats) of the latest checkpoint under `directory`, for `init_from`.
+
+    Reads only those two entries, so the source may be another run's checkpoints/ (any optimizer)
+    or a converted torchvision/timm checkpoint (`python -m cnnjax.pretrained convert`).
+    """
+    from cnnjax.pretrained.checkpoint import restore_variables
+
     if not os.path.isdir(directory):
         raise ValueError(
-            f"init_from directory {directory!r} does not exist; give a run's checkpoints/ directory"
+            f"init_from directory {directory!r} does not exist; give a run's checkpoints/ directory "
+            "or the output of `python -m cnnjax.pretrained convert`"
         )
-    manager = ocp.CheckpointManager(
-        os.path.abspath(directory), options=ocp.CheckpointManagerOptions(read_only=True)
-    )
-    step = manager.latest_step()
-    if step is None:
-        raise ValueError(f"init_from directory {directory!r} holds no checkpoint")
+    abstract = {"params": abstract_state.params, "batch_stats": abstract_state.batch_stats}
     try:
-        restored = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        restored = restore_variables(directory, abstract)
     except ValueError as error:
+        message = str(error).splitlines()[0]
+        if "holds no checkpoint" in message:
+            raise
         raise ValueError(
-            f"init_from checkpoint does not fit this model ({error}); "
-            "use the same model, num_classes and optimizer"
+            f"init_from checkpoint does not fit this model ({message}); "
+            "use the same model and num_classes"
         ) from None
-    finally:
-        manager.close()
-    return restored.params, restored.batch_stats
+    return restored["params"], restored["batch_stats"]
