@@ -2,6 +2,7 @@
 
     python launch.py                                   # the main job: experiments/lenet5_digits.py
     python launch.py --config experiments/NAME.py[:ARG] [--config.FIELD=VALUE ...] [--workdir DIR]
+    python launch.py --config experiments/NAME.py --sweep   # run config.sweep (see README, Sweeps)
     python launch.py ... --coordinator_address HOST:PORT --num_processes N --process_id I
 
 Running the same command again in the same workdir resumes from its latest checkpoint.
@@ -43,6 +44,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str
         default="",
         help="run directory (default: <workdir_root>/NAME[_ARG]); resumes if present",
     )
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="run the config's sweep (default workdir <workdir_root>/NAME[_ARG]_sweep)",
+    )
     parser.add_argument("--coordinator_address", default="", help="HOST:PORT of process 0")
     parser.add_argument("--num_processes", type=int, default=0)
     parser.add_argument("--process_id", type=int, default=-1)
@@ -61,8 +67,14 @@ def main(argv: list[str]) -> int:
         distributed.initialize(flags.coordinator_address, flags.num_processes, flags.process_id)
         enable_compilation_cache()  # a rerun or resume of the same config skips XLA compilation
         config, name = config_lib.load_config(flags.config, overrides)
-        workdir = flags.workdir or os.path.join(config.workdir_root, name)
-        train_and_evaluate(config, workdir)
+        if flags.sweep:
+            from cnnjax.sweep import run_sweep
+
+            workdir = flags.workdir or os.path.join(config.workdir_root, f"{name}_sweep")
+            summary = run_sweep(config, workdir)
+            print(f"sweep {summary['status']}: best {summary['best']}; report {workdir}/report.md")
+        else:
+            train_and_evaluate(config, flags.workdir or os.path.join(config.workdir_root, name))
     except (ValueError, NonFiniteLossError) as error:
         if os.environ.get("CNNJAX_TRACEBACK"):
             raise

@@ -145,3 +145,13 @@ def test_default_workdir_is_named_after_config_and_arg():
     assert args.config == "experiments/resnet20_cifar10.py:smoke" and args.workdir == ""
     assert overrides == [("seed", "3"), ("batch_size", "8")]
     assert launch.parse_args([])[0].config == "experiments/lenet5_digits.py"
+
+
+def test_sweep_flag_needs_a_sweep_in_the_config(tmp_path, capsys):
+    workdir = tmp_path / "sweep"
+    code = launch.main(["--config", "experiments/lenet5_digits.py:smoke", "--sweep",
+                        "--workdir", str(workdir)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert "config has no sweep" in err and "sweep_config" in err
+    assert not workdir.exists()
