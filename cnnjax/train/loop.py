@@ -85,7 +85,7 @@ class _StopFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-class _Run:
+class RunSetup:
     """The pieces one run is built from, validated before anything is written to the workdir."""
 
     def __init__(self, config: ml_collections.ConfigDict) -> None:
@@ -202,7 +202,7 @@ def _epoch_line(epoch: int, num_epochs: int, step: int, train: dict, val: dict, 
     )
 
 
-def _profile(model: Any, input_shape: tuple[int, int, int]) -> dict:
+def profile_run(model: Any, input_shape: tuple[int, int, int]) -> dict:
     """params/macs/flops from cnnjax.profile (one example); empty if it cannot tell."""
     try:
         from cnnjax.profile import profile_module
@@ -213,7 +213,7 @@ def _profile(model: Any, input_shape: tuple[int, int, int]) -> dict:
         return {}
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
     import flax
     import jaxlib
     import optax
@@ -234,7 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     Returns {"status": "interrupted", "step": N} instead when SIGTERM stopped the run after saving.
     """
-    run = _Run(config)  # every config error surfaces here, before the workdir is touched
+    run = RunSetup(config)  # every config error surfaces here, before the workdir is touched
     primary = distributed.is_primary()
     os.makedirs(workdir, exist_ok=True)
     manager = checkpoint.make_manager(
@@ -275,7 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             writer.close()
 
 
-def _train(config, run: _Run, state, manager, writer, stop: _StopFlag) -> dict:
+def _train(config, run: RunSetup, state, manager, writer, stop: _StopFlag) -> dict:
     step = int(state.step)
     start_step = step
     batches = run.pipeline.train_batches(step)
@@ -374,13 +374,13 @@ def _scalars(values: dict) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if isinstance(v, int | float | np.floating)}
 
 
-def _finish(config, run: _Run, outcome: dict, workdir: str, writer) -> dict:
+def _finish(config, run: RunSetup, outcome: dict, workdir: str, writer) -> dict:
     state = outcome["state"]
     test = evaluate(run.eval_fn, state, run.pipeline.eval_batches("test"), run.num_classes)
     if writer is not None:
         writer.log_scalars(outcome["step"], _scalars(test), prefix="test/")
     steps_run, seconds = outcome["steps_run"], outcome["train_seconds"]
-    profile = _profile(run.model, run.input_shape)
+    profile = profile_run(run.model, run.input_shape)
     results = {
         "test": {k: test[k] for k in TEST_KEYS},
         "test_details": {k: v for k, v in test.items() if k not in TEST_KEYS},
@@ -403,7 +403,7 @@ def _finish(config, run: _Run, outcome: dict, workdir: str, writer) -> dict:
         "platform": jax.default_backend(),
         "precision": jnp.dtype(run.dtype).name,
         "seed": config.seed,
-        "versions": _versions(),
+        "versions": library_versions(),
     }
     if distributed.is_primary():
         with open(os.path.join(workdir, "results.json"), "w") as f:

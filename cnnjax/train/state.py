@@ -31,7 +31,7 @@ class TrainState:
     ema_params: Any = None  # a copy of params averaged over steps; None when ema_decay is 0
 
 
-def _init_fn(
+def init_fn(
     model: nn.Module, tx: optax.GradientTransformation, input_shape: tuple[int, ...], use_ema: bool
 ):
     def init(rng: jax.Array) -> TrainState:
@@ -61,7 +61,7 @@ def create_train_state(
     use_ema: bool = False,
 ) -> TrainState:
     """Initialises the state on device, replicated over `mesh` (input_shape is one image, HWC)."""
-    init = _init_fn(model, tx, input_shape, use_ema)
+    init = init_fn(model, tx, input_shape, use_ema)
     # Initialising inside jit places every leaf straight onto its replicated sharding.
     return jax.jit(init, out_shardings=distributed.replicated(mesh))(jax.random.PRNGKey(seed))
 
@@ -75,7 +75,7 @@ def abstract_train_state(
     use_ema: bool = False,
 ) -> TrainState:
     """Shapes, dtypes and target shardings of the state without computing it (for restoring)."""
-    init = _init_fn(model, tx, input_shape, use_ema)
+    init = init_fn(model, tx, input_shape, use_ema)
     shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
     sharding = distributed.replicated(mesh)
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
