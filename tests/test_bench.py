@@ -1,0 +1,138 @@
+"""The benchmark harness returns its keys, the compile cache switches JAX's config, torch parts skip cleanly."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from cnnjax import bench, compile_cache, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import run as bench_suite  # noqa: E402  (benchmarks/run.py is a script, not a package)
+
+TINY = ["--batch-size", "8", "--steps", "1", "--repeats", "1"]
+KEYS = {
+    "model", "batch_size", "image_size", "precision", "device", "params", "trace_seconds",
+    "compile_seconds", "eval_compile_seconds", "train_images_per_second", "train_step_seconds",
+    "eval_images_per_second", "eval_step_seconds", "forward_flops_per_image", "peak_flops", "mfu",
+    "peak_memory_bytes", "train_step_static_bytes",
+}
+
+
+@pytest.fixture(scope="module")
+def lenet_json():
+    """One tiny end-to-end run of the CLI (one train and one eval compile for the whole module)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = bench.main(["lenet5", "--json", *TINY])
+    assert code == 0
+    return json.loads(out.getvalue())
+
+
+def test_cli_prints_every_key(lenet_json):
+    missing = KEYS - set(lenet_json)
+    assert not missing, missing
+    assert lenet_json["model"] == "lenet5" and lenet_json["params"] == 61_706
+    assert lenet_json["image_size"] == 32 and lenet_json["batch_size"] == 8
+    assert lenet_json["train_images_per_second"] > 0 and 0 < lenet_json["mfu"]
+    # forward FLOPs are the profiler's: 2 x 416,520 MACs of LeNet-5
+    assert lenet_json["forward_flops_per_image"] == 2 * 416_520
+
+
+def test_report_formats_without_torch(lenet_json):
+    text = bench.format_report(lenet_json | {"torch_skipped": "torch not importable"})
+    assert "lenet5 @ 32px" in text and "images/s" in text and "torch: skipped" in text
+
+
+def test_bad_arguments_fail_with_a_message(capsys):
+    assert bench.main(["lenet5", "--precision", "fp32", "--batch-size", "0"]) == 2
+    assert "--batch-size" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown model"):
+        bench.run_benchmark("lenet6")
+    with pytest.raises(ValueError, match="precision"):
+        bench.run_benchmark("lenet5", precision="fp8")
+
+
+def test_time_loop_reports_one_time_per_repeat():
+    calls = []
+    times = bench.time_loop(lambda: calls.append(1) or jnp.zeros(()), steps=3, repeats=2)
+    assert len(times) == 2 and len(calls) == 6 and all(t >= 0 for t in times)
+
+
+@pytest.fixture
+def restore_cache_config():
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_enable_compilation_cache")
+    saved = {k: getattr(jax.config, k) for k in keys}
+    yield
+    for k, v in saved.items():
+        jax.config.update(k, v)
+    compilation_cache.reset_cache()
+
+
+def test_enable_compilation_cache_sets_config_and_writes(tmp_path, restore_cache_config):
+    directory = compile_cache.enable_compilation_cache(tmp_path / "cache", min_compile_seconds=0)
+    assert directory == tmp_path / "cache" and directory.is_dir()
+    assert jax.config.jax_compilation_cache_dir == str(directory)
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
+    jax.jit(lambda x: x * 3.0 + 1.0)(jnp.arange(7.0)).block_until_ready()
+    assert any(directory.iterdir()), "the compiled program was not written to the cache"
+
+
+def test_default_cache_dir_and_off_switch(tmp_path, monkeypatch, restore_cache_config):
+    monkeypatch.delenv(compile_cache.CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compile_cache.default_cache_dir() == tmp_path / "cnnjax" / "jax"
+    assert compile_cache.enable_compilation_cache() == tmp_path / "cnnjax" / "jax"
+    monkeypatch.setenv(compile_cache.CACHE_ENV, "off")
+    before = jax.config.jax_compilation_cache_dir
+    assert compile_cache.enable_compilation_cache() is None
+    assert jax.config.jax_compilation_cache_dir == before
+    with pytest.raises(ValueError, match="min_compile_seconds"):
+        compile_cache.enable_compilation_cache(tmp_path, min_compile_seconds=-1)
+
+
+def test_torch_equivalents_match_cnnjax_sizes():
+    torch = pytest.importorskip("torch")
+    from cnnjax import bench_torch
+
+    for name, channels in (("lenet5", 1), ("resnet20", 3)):
+        params = profile.profile_model(name)["params"]  # the cnnjax network's count
+        model, _ = bench_torch.build_torch_model(name, num_classes=10, in_channels=channels)
+        assert sum(p.numel() for p in model.parameters()) == params, name
+        assert model(torch.zeros(2, channels, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="torchvision"):
+        bench_torch.build_torch_model("mobilenet_v1", num_classes=10, in_channels=3)
+
+
+def test_torch_benchmark_keys():
+    pytest.importorskip("torch")
+    from cnnjax import bench_torch
+
+    result = bench_torch.run_torch_benchmark(
+        "lenet5", batch_size=4, image_size=32, in_channels=1, num_classes=10, steps=1, repeats=1,
+        modes=("eager",))
+    assert result["source"] == "hand-written"
+    assert result["eager_train_images_per_second"] > 0 and result["best_train_images_per_second"] > 0
+
+
+def test_suite_renders_markdown_with_provenance():
+    row = {"model": "lenet5", "image_size": 32, "batch_size": 8, "precision": "fp32",
+           "compile_seconds": 1.0, "trace_seconds": 0.1, "train_images_per_second": 10.0,
+           "eval_images_per_second": 20.0, "train_step_seconds": 0.8, "mfu": 0.01,
+           "peak_memory_bytes": "n/a", "train_step_static_bytes": 1000}
+    runs = [{"name": "lenet5@32", "command": "python -m cnnjax.bench lenet5", "result": row},
+            {"name": "vgg16@224", "skipped": "needs GPU session"}]
+    text = bench_suite.render(runs, sweeps=[], compiles=[], meta={"device": "cpu", "date": "d",
+                                                                  "versions": "jax x",
+                                                                  "command": "python run.py"})
+    assert "| lenet5 | 32 | 8 |" in text and "needs GPU session" in text
+    assert "python run.py" in text and "jax x" in text
