@@ -100,8 +100,22 @@ def test_coarse_to_fine_narrows_around_the_best(tmp_path):
     assert len(summary["rows"]) == 8
 
 
+def test_gp_without_torch_is_a_one_line_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else real(name, *a))
+    config = _config(strategy="gp", num_trials=2, startup_trials=1,
+                     params={"optimizer.learning_rate": ("loguniform", 1e-4, 1e-1)})
+    with pytest.raises(ValueError, match="needs PyTorch: pip install torch"):
+        run_sweep(config, str(tmp_path), train_fn=FakeTrainer(), max_runs=1)
+
+
 @pytest.mark.parametrize("strategy", ["tpe", "gp"])
 def test_optuna_search_resumes_its_study(tmp_path, strategy):
+    if strategy == "gp":
+        pytest.importorskip("torch", reason="Optuna's GPSampler needs PyTorch")
     config = _config(strategy=strategy, num_trials=4, startup_trials=2,
                      params={"optimizer.learning_rate": ("loguniform", 1e-4, 1e-1),
                              "model.kwargs.pool": ["avg", "max"]})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from typing import Any
@@ -45,6 +46,10 @@ def make_study(ctx) -> optuna.Study:
     if sweep.strategy == "tpe":
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=sweep.startup_trials)
     else:
+        # Optuna's Gaussian-process sampler is written in PyTorch; cnnjax does not depend on torch.
+        if importlib.util.find_spec("torch") is None:
+            raise ValueError("sweep.strategy 'gp' uses Optuna's GPSampler, which needs PyTorch: "
+                             "pip install torch (a CPU build is enough), or use strategy 'tpe'")
         sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=sweep.startup_trials)
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=sweep.prune_startup_trials,
                                           n_warmup_steps=sweep.prune_warmup_epochs)
