@@ -181,7 +181,10 @@ def metadata(argv: list[str]) -> dict:
             versions.append(f"{name} {importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
             pass
-    return {"device": f"{device.platform} {device.device_kind} x{jax.device_count()}",
+    where = f"{device.platform} {device.device_kind} x{jax.device_count()}"
+    if device.platform == "cpu":
+        where += f" ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start)"
+    return {"device": where,
             "date": datetime.date.today().isoformat(), "versions": ", ".join(versions),
             "command": " ".join(["python benchmarks/run.py", *argv])}
 
