@@ -4,18 +4,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
+from launch_env import ROOT, subprocess_env
 
 import launch
 from cnnjax import config as config_lib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Subprocesses share launch.py's persistent compilation cache: the runs compile identical programs.
-JAX_CACHE = {
-    "CNNJAX_COMPILATION_CACHE": os.path.join(tempfile.gettempdir(), "cnnjax_test_jax_cache")
-}
 
 
 @pytest.fixture(autouse=True)
@@ -26,7 +20,7 @@ def _no_persistent_cache(monkeypatch):
 
 def test_smoke_run_writes_the_whole_run_directory(tmp_path):
     workdir = tmp_path / "run"
-    env = {**os.environ, **JAX_CACHE, "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env()
     out = subprocess.run(
         [
             sys.executable,

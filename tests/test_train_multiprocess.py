@@ -6,25 +6,11 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 
 import pytest
+from launch_env import ROOT, subprocess_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Subprocesses share launch.py's persistent compilation cache: the runs compile identical programs.
-JAX_CACHE = {
-    "CNNJAX_COMPILATION_CACHE": os.path.join(tempfile.gettempdir(), "cnnjax_test_jax_cache")
-}
-
-
-def _xla_flags(devices: int) -> str:
-    """The session's XLA_FLAGS (tests/conftest.py's) with this many simulated CPU devices."""
-    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    return " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])
-
-
-# device_resident=always: the "auto" check reads device 0's memory stats, which only process 0 can
-# (cnnjax/data/pipeline.py fits_on_device; reported to the data layer).
+# device_resident=always: both processes must take the same path whatever their memory stats say.
 ARGS = [
     "--config",
     "experiments/lenet5_digits.py:smoke",
@@ -34,7 +20,7 @@ ARGS = [
 
 
 def _env(devices):
-    return {**os.environ, **JAX_CACHE, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": _xla_flags(devices)}
+    return subprocess_env(devices)
 
 
 def _free_port():

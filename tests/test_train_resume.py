@@ -6,25 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Subprocesses share launch.py's persistent compilation cache: the runs compile identical programs.
-JAX_CACHE = {
-    "CNNJAX_COMPILATION_CACHE": os.path.join(tempfile.gettempdir(), "cnnjax_test_jax_cache")
-}
-
-
-def _xla_flags(devices: int) -> str:
-    """The session's XLA_FLAGS (tests/conftest.py's) with this many simulated CPU devices."""
-    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    return " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])
-
+from launch_env import ROOT, subprocess_env
 
 BASE = [
     "--config",
@@ -36,7 +23,7 @@ BASE = [
 
 
 def _launch(args, devices=1):
-    env = {**os.environ, **JAX_CACHE, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": _xla_flags(devices)}
+    env = subprocess_env(devices)
     return subprocess.Popen(
         [sys.executable, "launch.py", *args],
         cwd=ROOT,
