@@ -173,3 +173,24 @@ def test_a_diverged_variant_is_recorded_not_fatal(tmp_path):
     assert [row["status"] for row in summary["rows"]] == ["done", "diverged"]
     assert summary["rows"][1]["accuracy"] is None or math.isnan(summary["rows"][1]["accuracy"])
     assert "learning_rate-0.01" in summary["best"]
+
+
+def study_report(workdir, config, summary, results):
+    """A stand-in study (sweep.study = "test_sweep_runner:study_report")."""
+    names = ", ".join(sorted(r["variant"] for r in summary["rows"]))
+    return f"## Study section\n\n{len(results)} variants: {names}; lr0 {config.optimizer.learning_rate}\n"
+
+
+def test_study_hook_appends_its_sections_and_a_bad_name_fails_before_training(tmp_path):
+    config = _config(strategy="grid", study="test_sweep_runner:study_report",
+                     params={"optimizer.learning_rate": [1e-3, 1e-2]})
+    trainer = FakeTrainer()
+    run_sweep(config, str(tmp_path), train_fn=trainer, print_fn=lambda s: None)
+    report = (tmp_path / "report.md").read_text()
+    assert report.index("# Sweep report") < report.index("## Study section")
+    assert "2 variants: learning_rate-0.001" in report
+    config.sweep.study = "cnnjax.studies_missing"
+    trainer.calls.clear()
+    with pytest.raises(ValueError, match="cannot import 'cnnjax.studies_missing'"):
+        run_sweep(config, str(tmp_path / "bad"), train_fn=trainer, print_fn=lambda s: None)
+    assert trainer.calls == []

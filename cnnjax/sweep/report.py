@@ -177,6 +177,14 @@ def write_report(workdir: str, results: Sequence[tuple[dict, list[dict]]],
     return summary
 
 
+def append_sections(workdir: str, markdown: str) -> None:
+    """Adds a study's own sections (markdown) to the end of WORKDIR/report.md."""
+    if not markdown:
+        return
+    with open(os.path.join(workdir, "report.md"), "a") as f:
+        f.write("\n" + markdown.rstrip("\n") + "\n")
+
+
 def _markdown(summary: dict, sweep: ml_collections.ConfigDict) -> str:
     parts = [f"# Sweep report ({sweep.strategy}, {sweep.seeds} seed(s) per variant)", "",
              f"Search metric: {sweep.metric} ({sweep.direction}); best variant: {summary['best']}.",

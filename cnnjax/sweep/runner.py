@@ -217,6 +217,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, train_fn: Trai
         raise ValueError("the config has no sweep; set config.sweep = cnnjax.sweep.sweep_config(...)")
     sweep = config.sweep
     _check(sweep)
+    if sweep.study:
+        study_function(sweep.study)  # a misspelt study fails here, before anything trains
     params = space.parse_space(sweep.params)
     ctx = _Context(config, workdir, train_fn or train_and_evaluate, max_runs, print_fn)
     os.makedirs(workdir, exist_ok=True)
@@ -242,7 +244,27 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, train_fn: Trai
 
     summary = report.write_report(workdir, results, sweep)
     summary["status"] = status
+    if sweep.study:
+        sections = study_function(sweep.study)(workdir=workdir, config=config, summary=summary,
+                                               results=[(v, r) for v, r in results if r])
+        report.append_sections(workdir, sections)
     return summary
+
+
+def study_function(spec: str) -> Callable[..., str]:
+    """The callable named by sweep.study: "package.module[:function]", function defaulting to report."""
+    import importlib
+
+    module_name, _, function = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"sweep.study {spec!r}: cannot import {module_name!r} ({error}); "
+                         "give an importable module such as cnnjax.studies.bottleneck") from None
+    fn = getattr(module, function or "report", None)
+    if not callable(fn):
+        raise ValueError(f"sweep.study {spec!r}: {module_name} has no function {function or 'report'!r}")
+    return fn
 
 
 def collect(workdir: str) -> list[tuple[dict, list[dict]]]:

@@ -46,6 +46,10 @@ def sweep_config(**overrides: Any) -> ml_collections.ConfigDict:
     sweep.sampler_seed = 0
     sweep.device_peak_tflops = 0.0  # > 0: the cost sheet also estimates seconds per step
     sweep.assumed_utilization = 0.4  # fraction of peak a training step reaches, for that estimate
+    # "package.module[:function]" (function defaults to `report`), called after the sweep report as
+    # function(workdir=, config=, summary=, results=) -> markdown appended to report.md: the
+    # ablation studies add their arithmetic, diagnostics and plots this way (cnnjax.studies).
+    sweep.study = ""
     if "params" in overrides:
         sweep.params = nest(flatten_params(overrides.pop("params")))
     if "variants" in overrides:  # a list keeps its dicts as they are: dotted keys are fine there
