@@ -178,6 +178,24 @@ def test_cli_writes_a_checkpoint_that_init_from_restores(tmp_path, capsys):
         save_variables(str(out), variables)
 
 
+@pytest.mark.parametrize("name", ["alexnet", "vgg11", "mobilenet_v2", "resnet18"])
+def test_num_classes_is_read_from_the_last_layer(tmp_path, name):
+    # AlexNet's and VGG's first hidden layer is classifier.1/.0: the class count is classifier.6's.
+    from safetensors.numpy import save_file
+
+    from cnnjax.pretrained import convert_file
+
+    model = _small(name, num_classes=7)
+    path = str(tmp_path / "m.safetensors")
+    save_file(to_torch(_random(abstract_variables(model, name)), name, model), path)
+    variables, kwargs = convert_file(path, name, **get_spec(name).small)
+    assert kwargs["num_classes"] == 7
+    size = 64 if name == "alexnet" else 32
+    shapes = jax.eval_shape(lambda v: create_model(name, **kwargs).apply(v, np.zeros((1, size, size, 3))),
+                            variables)
+    assert shapes.shape == (1, 7)
+
+
 def test_restore_variables_reads_a_run_checkpoint(tmp_path):
     # A cnnjax run saves the whole TrainState; init_from must read just its params and batch_stats.
     import optax

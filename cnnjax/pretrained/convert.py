@@ -224,8 +224,21 @@ def convert_file(path: str, model_name: str, *, num_classes: int | None = None,
     return from_torch(state_dict, model_name, model, fmt=fmt), {"num_classes": num_classes, **kwargs}
 
 
+# The last linear layer's weight, per family, torchvision's name first, then timm's. A fixed list
+# across families would misread AlexNet/VGG, whose classifier.1/classifier.0 is the first hidden layer.
+CLASSIFIER_KEYS = {
+    "alexnet": ("classifier.6.weight",),
+    "vgg": ("classifier.6.weight",),
+    "googlenet": ("fc.weight",),
+    "resnet": ("fc.weight",),
+    "densenet": ("classifier.weight",),
+    "mobilenet_v2": ("classifier.1.weight", "classifier.weight"),
+    "efficientnet": ("classifier.1.weight", "classifier.weight"),
+}
+
+
 def _checkpoint_classes(model_name: str, state_dict: StateDict) -> int:
-    for key in ("fc.weight", "classifier.weight", "classifier.1.weight", "classifier.6.weight"):
+    for key in CLASSIFIER_KEYS[family_of(model_name)]:
         if key in state_dict:
             return int(state_dict[key].shape[0])
     return get_spec(model_name).num_classes
