@@ -13,6 +13,7 @@ from typing import Any
 import ml_collections
 
 from cnnjax.data import data_config
+from cnnjax.finetune import finetune_config
 from cnnjax.train.losses import loss_config
 from cnnjax.train.optim import optimizer_config
 
@@ -50,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
     config.best_metric = "accuracy"  # on validation; "loss"/"*error" count lower as better
     config.init_from = ""  # a checkpoints/ directory whose params and batch stats start the run
+    config.finetune = finetune_config()  # freezing, LR groups, new heads; how init_from loads
     config.workdir_root = "runs"
     return config
 

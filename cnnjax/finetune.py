@@ -1,8 +1,15 @@
-"""Fine-tuning as pure functions: freeze by path pattern, new heads, first-conv channels, per-group LRs."""
+"""Fine-tuning: `config.finetune`, freezing by path pattern, new heads, first-conv channels, LR groups.
+
+Every pattern is a Python regex searched (re.search) in a parameter's path inside its collection,
+e.g. "layer1_0/conv1/kernel" or "stem_bn/mean". The engine (cnnjax.train.loop) turns the config
+into a `Plan` before building the optimizer, and `merge_variables` decides, leaf by leaf, what an
+`init_from` checkpoint provides and what starts fresh.
+"""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -10,18 +17,58 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
+from cnnjax import layers
 from cnnjax.train import optim
 
 FROZEN = "frozen"
 DEFAULT_GROUP = "default"
+BATCH_STATS_MODES = ("frozen", "all", "none")
+FIRST_CONV_MODES = ("", "repeat", "mean", "new")
+
+
+def finetune_config() -> ml_collections.ConfigDict:
+    """Defaults for `config.finetune`: with them a run trains every parameter and `init_from` must
+    fit the model exactly, as before fine-tuning existed."""
+    cfg = ml_collections.ConfigDict()
+    cfg.freeze = ()  # regexes: matching params get no gradient, no optimizer state, no update
+    cfg.freeze_batch_stats = "frozen"  # running BN statistics kept: of frozen layers | all | none
+    cfg.lr_groups = ()  # ((regex, lr_scale), ...): first match scales the LR (0 = frozen); others 1
+    cfg.strict = True  # init_from: every param in the checkpoint at its shape; False: others fresh
+    cfg.reinit = ()  # regexes: params and BN statistics that start fresh though the checkpoint fits
+    cfg.first_conv = ""  # in_channels != the checkpoint's: repeat | mean | new ("" = a mismatch)
+    cfg.head = ()  # (512,): the model's classifier outputs 512, then act -> Dense(num_classes)
+    cfg.head_act = "relu"
+    cfg.head_dropout = 0.0  # before each Dense of the new head
+    return cfg
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config.finetune` over the defaults (a run's config.json from before fine-tuning has none);
+    JSON lists become tuples again."""
+    cfg = finetune_config()
+    for key, value in (config.get("finetune") or {}).items():
+        if key not in cfg:
+            raise ValueError(f"unknown config field 'finetune.{key}'; known: {', '.join(cfg.keys())}")
+        if isinstance(value, list | tuple):
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        cfg[key] = value
+    return cfg
+
+
+# --- paths and masks ---------------------------------------------------------------------------
 
 
 def path_name(path: Sequence[Any]) -> str:
     """'layer1_0/conv1/kernel' for a jax key path: the string that freeze/group patterns match."""
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def leaf_names(tree: Any) -> list[str]:
+    return [path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -45,32 +92,169 @@ def stop_frozen_gradients(params: Any, mask: Any) -> Any:
     return jax.tree.map(lambda p, frozen: jax.lax.stop_gradient(p) if frozen else p, params, mask)
 
 
+def keep_frozen(new: Any, old: Any, mask: Any) -> Any:
+    """`new` with the leaves where `mask` is True taken from `old` unchanged (bit for bit)."""
+    return jax.tree.map(lambda n, o, frozen: o if frozen else n, new, old, mask)
+
+
 def keep_frozen_stats(new_stats: Any, old_stats: Any, patterns: Sequence[str]) -> Any:
     """Batch statistics after a step, with the ones under frozen paths put back to their old values."""
-    mask = freeze_mask(old_stats, patterns)
-    return jax.tree.map(lambda new, old, frozen: old if frozen else new, new_stats, old_stats, mask)
+    return keep_frozen(new_stats, old_stats, freeze_mask(old_stats, patterns))
 
 
-# --- new heads and new inputs ------------------------------------------------------------------
+# --- the plan: what config.finetune means for one model ----------------------------------------
 
 
-def transfer_variables(source: Mapping[str, Any], target: Mapping[str, Any]) -> tuple[dict, list[str]]:
-    """`target` with every leaf that `source` has at the same path and shape copied over.
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Trees of Python bools the train step closes over, and the optimizer's LR groups."""
 
-    Returns (variables, paths kept from `target`): the layers that start fresh (a new head).
+    groups: dict  # multi_lr_optimizer's groups; {} = the plain optimizer
+    frozen: Any = None  # like params: True = not trained; None when nothing is frozen
+    frozen_stats: Any = None  # like batch_stats: True = statistics stay as loaded; None = none
+
+    def frozen_count(self, params: Any) -> int:
+        if self.frozen is None:
+            return 0
+        return int(sum(np.size(p) for p, f in zip(jax.tree.leaves(params),
+                                                   jax.tree.leaves(self.frozen), strict=True) if f))
+
+
+def _patterns(field: str, value: Any) -> tuple[str, ...]:
+    """A tuple of compiled-checked regexes (a lone string counts as one)."""
+    patterns = (value,) if isinstance(value, str) else tuple(value)
+    for p in patterns:
+        if not isinstance(p, str):
+            raise ValueError(f"{field} takes regexes (strings), got {p!r}; e.g. \"('^stem_', '^layer1_')\"")
+        try:
+            re.compile(p)
+        except re.error as error:
+            raise ValueError(f"{field} pattern {p!r} is not a valid regex ({error})") from None
+    return patterns
+
+
+def _check_matches(field: str, patterns: Sequence[str], names: Sequence[str]) -> None:
+    for p in patterns:
+        if not any(re.search(p, n) for n in names):
+            examples = ", ".join(names[:3] + names[-2:])
+            raise ValueError(f"{field} pattern {p!r} matches no parameter of this model; "
+                             f"paths look like {examples}")
+
+
+def lr_groups(cfg: ml_collections.ConfigDict) -> dict:
+    """multi_lr_optimizer's groups: `freeze` first (it wins), then `lr_groups` in order."""
+    groups = {}
+    if cfg.freeze:
+        groups["freeze"] = {"patterns": _patterns("finetune.freeze", cfg.freeze), "lr_scale": 0.0}
+    for i, entry in enumerate(cfg.lr_groups):
+        if (not isinstance(entry, list | tuple) or len(entry) != 2
+                or not isinstance(entry[1], int | float) or entry[1] < 0):
+            raise ValueError(f"finetune.lr_groups entries are (regex, lr_scale >= 0) pairs, got "
+                             f"{entry!r}; e.g. \"(('^fc/', 10.0), ('^layer4_', 1.0))\"")
+        groups[f"lr_group{i}"] = {"patterns": _patterns("finetune.lr_groups", entry[0]),
+                                  "lr_scale": float(entry[1])}
+    return groups
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+    """The checks that need no model: choices, head sizes, dropout."""
+    if cfg.freeze_batch_stats not in BATCH_STATS_MODES:
+        raise ValueError(f"finetune.freeze_batch_stats must be one of {', '.join(BATCH_STATS_MODES)}, "
+                         f"got {cfg.freeze_batch_stats!r}")
+    if cfg.first_conv not in FIRST_CONV_MODES:
+        raise ValueError(f"finetune.first_conv must be repeat, mean, new or '' (a mismatch), "
+                         f"got {cfg.first_conv!r}")
+    if not all(isinstance(w, int) and w >= 1 for w in cfg.head):
+        raise ValueError(f"finetune.head lists hidden widths (ints >= 1), got {cfg.head!r}; e.g. '(512,)'")
+    if not 0.0 <= cfg.head_dropout < 1.0:
+        raise ValueError(f"finetune.head_dropout must lie in [0, 1), got {cfg.head_dropout}")
+    layers.activation(cfg.head_act)
+
+
+def make_plan(cfg: ml_collections.ConfigDict, model: nn.Module,
+              input_shape: tuple[int, int, int]) -> Plan:
+    """Validates `cfg` against `model`'s parameter paths (traced, not computed) and builds the Plan.
+
+    Every pattern must match something, and freezing must leave something to train.
     """
-    flat_source = {path_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(dict(source))}
-    fresh: list[str] = []
+    check_config(cfg)
+    reinit = _patterns("finetune.reinit", cfg.reinit)
+    groups = lr_groups(cfg)
+    if not groups and not reinit and cfg.freeze_batch_stats != "all":
+        return Plan({})  # nothing to trace: the common, non-fine-tuning run
+    dummy = jnp.zeros((1, *input_shape), jnp.float32)
+    variables = jax.eval_shape(lambda: model.init(
+        {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)}, dummy, train=False))
+    params, stats = variables["params"], variables.get("batch_stats", {})
+    names = leaf_names(params)
+    for name, spec in groups.items():
+        field = "finetune.freeze" if name == "freeze" else "finetune.lr_groups"
+        _check_matches(field, spec["patterns"], names)
+    _check_matches("finetune.reinit", reinit, names + leaf_names(stats))
+    frozen = None
+    if groups:
+        frozen = jax.tree.map(lambda label: label == FROZEN, param_labels(params, groups))
+        flags = jax.tree.leaves(frozen)
+        if all(flags):
+            raise ValueError("finetune.freeze (with lr_groups at lr_scale 0) freezes every parameter, "
+                             "so nothing would train; leave the head out, e.g. \"('^(?!fc/)',)\"")
+        frozen = frozen if any(flags) else None
+    return Plan(groups, frozen, _stats_mask(cfg.freeze_batch_stats, frozen, params, stats))
 
-    def pick(path, value):
-        name = path_name(path)
-        old = flat_source.get(name)
-        if old is not None and tuple(old.shape) == tuple(value.shape):
-            return old
-        fresh.append(name)
-        return value
 
-    return jax.tree_util.tree_map_with_path(pick, dict(target)), fresh
+def _stats_mask(mode: str, frozen: Any, params: Any, stats: Any) -> Any:
+    """Which batch statistics stay: all, none, or those of layers whose parameters are frozen."""
+    if mode == "none" or not jax.tree.leaves(stats) or (mode == "frozen" and frozen is None):
+        return None
+    if mode == "all":
+        return jax.tree.map(lambda _: True, stats)
+    frozen_modules = {n.rpartition("/")[0] for n, f in zip(leaf_names(params), jax.tree.leaves(frozen),
+                                                          strict=True) if f}
+    mask = jax.tree_util.tree_map_with_path(
+        lambda path, _: path_name(path).rpartition("/")[0] in frozen_modules, stats)
+    return mask if any(jax.tree.leaves(mask)) else None
+
+
+# --- new heads ---------------------------------------------------------------------------------
+
+
+class MLPHead(nn.Module):
+    """`base` (a model whose classifier outputs hidden[0] features) followed by act -> Dense for
+    each further width and the classes, e.g. ResNet-50's fc 2048 -> 512, ReLU, 512 -> classes.
+
+    The base shares this module's scope, so its parameter paths stay those of the bare model
+    ("layer1_0/conv1/kernel", "fc/kernel") and a checkpoint of the bare model still fits it.
+    """
+
+    base: nn.Module
+    hidden: tuple[int, ...]  # widths after the base's output; may be empty
+    num_classes: int
+    act: str = "relu"
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        nn.share_scope(self, self.base)
+        self.head_hidden = [nn.Dense(w, dtype=self.dtype) for w in self.hidden]
+        self.head_out = nn.Dense(self.num_classes, dtype=self.dtype)
+        self.head_dropout = nn.Dropout(self.dropout)
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        y = self.base(x, train=train)
+        for dense in [*self.head_hidden, self.head_out]:
+            y = dense(self.head_dropout(layers.activation(self.act)(y), deterministic=not train))
+        return y
+
+
+def build_model(name: str, num_classes: int, cfg: ml_collections.ConfigDict, **kwargs: Any) -> nn.Module:
+    """The registry model `name`, wrapped in an MLPHead when `cfg.head` lists hidden widths."""
+    from cnnjax.models import create_model  # the model table imports every model file
+
+    if not cfg.head:
+        return create_model(name, num_classes=num_classes, **kwargs)
+    base = create_model(name, num_classes=cfg.head[0], **kwargs)
+    return MLPHead(base, hidden=tuple(cfg.head[1:]), num_classes=num_classes, act=cfg.head_act,
+                   dropout=cfg.head_dropout, dtype=kwargs.get("dtype", jnp.float32))
 
 
 def replace_head(variables: Mapping[str, Any], model: nn.Module, num_classes: int, *,
@@ -84,8 +268,13 @@ def replace_head(variables: Mapping[str, Any], model: nn.Module, num_classes: in
     rng = jax.random.PRNGKey(0) if rng is None else rng
     dummy = jnp.zeros((1, *input_shape), jnp.float32)
     fresh = jax.jit(lambda r: new_model.init({"params": r, "dropout": r}, dummy, train=False))(rng)
-    out, new_paths = transfer_variables(variables, fresh)
-    return new_model, out, new_paths
+    cfg = finetune_config()
+    cfg.strict = False
+    out, report = merge_variables(variables, jax.device_get(fresh), cfg)
+    return new_model, out, sorted(report.fresh)
+
+
+# --- new inputs and starting from a checkpoint -------------------------------------------------
 
 
 def adapt_first_conv(kernel: Any, in_channels: int) -> np.ndarray:
@@ -104,6 +293,76 @@ def adapt_first_conv(kernel: Any, in_channels: int) -> np.ndarray:
     repeats = -(-in_channels // kernel.shape[2])
     tiled = np.tile(kernel, (1, 1, repeats, 1))[:, :, :in_channels]
     return tiled * (kernel.shape[2] / in_channels)
+
+
+def _reads_other_channels(source: np.ndarray, target: np.ndarray) -> bool:
+    """A conv kernel that differs from the checkpoint's only in its input channels (HWIO axis 2)."""
+    return (source.ndim == target.ndim == 4 and source.shape[2] != target.shape[2]
+            and source.shape[:2] + source.shape[3:] == target.shape[:2] + target.shape[3:])
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """What `merge_variables` did, leaf by leaf ("params/fc/kernel": why)."""
+
+    loaded: list[str] = dataclasses.field(default_factory=list)
+    fresh: dict[str, str] = dataclasses.field(default_factory=dict)
+    adapted: dict[str, str] = dataclasses.field(default_factory=dict)
+    unused: list[str] = dataclasses.field(default_factory=list)
+
+    def lines(self, source: str) -> list[str]:
+        total = len(self.loaded) + len(self.fresh) + len(self.adapted)
+        out = [f"init_from {source}: {len(self.loaded) + len(self.adapted)} of {total} arrays loaded"]
+        for label, names in (("adapted", self.adapted), ("fresh", self.fresh)):
+            if names:
+                out.append(f"  {label}: " + ", ".join(f"{n} ({why})" for n, why in names.items()))
+        if self.unused:
+            out.append(f"  unused from the checkpoint: {', '.join(self.unused)}")
+        return out
+
+
+def merge_variables(source: Mapping[str, Any], target: Mapping[str, Any],
+                    cfg: ml_collections.ConfigDict) -> tuple[dict, LoadReport]:
+    """`target` (fresh {params, batch_stats}, host arrays) with the `source` checkpoint's leaves
+    wherever path and shape fit; `cfg` (config.finetune) says what else happens:
+    reinit patterns start fresh, first_conv adapts kernels that read another channel count, and
+    with strict any other leaf the checkpoint lacks or holds at another shape is an error.
+    """
+    report = LoadReport()
+    reinit = _patterns("finetune.reinit", cfg.reinit)
+    hint = ("use the same model and num_classes, or set --config.finetune.strict=false to start "
+            "such layers fresh (finetune.first_conv for another in_channels)")
+
+    def pick(collection, path, fresh):
+        name = path_name(path)
+        key, old = f"{collection}/{name}", flat[collection].pop(name, None)
+        if _matches(name, reinit):
+            report.fresh[key] = "reinit"
+            return fresh
+        if old is not None and old.shape == fresh.shape:
+            report.loaded.append(key)
+            return np.asarray(old, fresh.dtype)
+        if old is not None and cfg.first_conv and _reads_other_channels(old, fresh):
+            if cfg.first_conv == "new":
+                report.fresh[key] = "first_conv=new"
+                return fresh
+            channels = fresh.shape[2]
+            kernel = (adapt_first_conv(old, channels) if cfg.first_conv == "repeat" else
+                      np.repeat(old.mean(axis=2, keepdims=True), channels, axis=2))
+            report.adapted[key] = f"{old.shape[2]} -> {channels} input channels, {cfg.first_conv}"
+            return np.asarray(kernel, fresh.dtype)
+        why = "not in the checkpoint" if old is None else f"checkpoint {old.shape}, model {fresh.shape}"
+        if cfg.strict:
+            raise ValueError(f"init_from checkpoint does not fit this model: {key}: {why}; {hint}")
+        report.fresh[key] = why
+        return fresh
+
+    flat = {c: {path_name(p): np.asarray(v) for p, v in
+                jax.tree_util.tree_leaves_with_path(source.get(c) or {})} for c in target}
+    merged = {c: jax.tree_util.tree_map_with_path(lambda p, v, c=c: pick(c, p, np.asarray(v)),
+                                                  target[c]) for c in target}
+    report.unused = [f"{c}/{n}" for c in flat for n in flat[c]]
+    return merged, report
 
 
 # --- learning-rate groups ----------------------------------------------------------------------
@@ -131,6 +390,7 @@ def multi_lr_optimizer(cfg: Any, groups: Mapping[str, Mapping[str, Any]], *, ste
     Unmatched leaves form the 'default' group at lr_scale 1. Gradient clipping is over all groups
     together and gradient accumulation wraps the whole, as in optim.make_optimizer.
     """
+    optim.check_optimizer(cfg)
     if DEFAULT_GROUP in groups or FROZEN in groups:
         raise ValueError(f"group names {DEFAULT_GROUP!r} and {FROZEN!r} are reserved; rename it.")
     for name, spec in groups.items():
@@ -156,3 +416,12 @@ def multi_lr_optimizer(cfg: Any, groups: Mapping[str, Mapping[str, Any]], *, ste
     if cfg.accumulate_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=cfg.accumulate_steps).gradient_transformation()
     return tx, schedule
+
+
+def make_optimizer(cfg: Any, plan: Plan, *, steps_per_epoch: int,
+                   num_epochs: float) -> tuple[optax.GradientTransformation, Any]:
+    """The run's optimizer: optim.make_optimizer, or one LR per group when the plan has groups."""
+    if not plan.groups:
+        return optim.make_optimizer(cfg, steps_per_epoch=steps_per_epoch, num_epochs=num_epochs)
+    return multi_lr_optimizer(cfg, plan.groups, steps_per_epoch=steps_per_epoch,
+                              num_epochs=num_epochs)

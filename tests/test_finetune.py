@@ -1,4 +1,5 @@
-"""Fine-tuning helpers: frozen parameters stay bit-identical, heads are replaced, LR groups scale."""
+"""Fine-tuning helpers and config.finetune: frozen parameters stay bit-identical, LR groups scale as
+configured, heads are replaced, first convolutions adapted, bad settings give one-line errors."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from cnnjax import config as config_lib
 from cnnjax import finetune
 from cnnjax.models import create_model
 from cnnjax.train.optim import optimizer_config
@@ -108,3 +110,107 @@ def test_adapt_first_conv_grayscale_equals_repeated_rgb():
     assert finetune.adapt_first_conv(kernel, 5).shape == (5, 5, 5, 4)
     with pytest.raises(ValueError, match="in_channels"):
         finetune.adapt_first_conv(kernel, 0)
+
+
+# --- config.finetune: plan, errors, heads, loading ---------------------------------------------
+
+
+def _finetune(**fields):
+    cfg = finetune.finetune_config()
+    cfg.update(fields)
+    return cfg
+
+
+def test_finetune_fields_parse_from_the_command_line():
+    config = config_lib.base_config()
+    config_lib.set_field(config, "finetune.freeze", "('^stem', '^layer1')")
+    config_lib.set_field(config, "finetune.lr_groups", "(('^fc/', 10.0),)")
+    config_lib.set_field(config, "finetune.head", "(512,)")
+    config_lib.set_field(config, "finetune.reinit", "^fc/")
+    assert config.finetune.freeze == ("^stem", "^layer1")
+    assert config.finetune.lr_groups == (("^fc/", 10.0),)
+    assert config.finetune.head == (512,) and config.finetune.reinit == ("^fc/",)
+
+
+def test_lr_groups_from_the_config_give_the_update_ratio(lenet):
+    model, params, _, _ = lenet
+    cfg = optimizer_config()
+    cfg.name, cfg.learning_rate, cfg.momentum = "sgd", 0.1, 0.0
+    plan = finetune.make_plan(_finetune(freeze=("^c3/",), lr_groups=(("^output/", 10.0), ("^c1/", 0.5))),
+                              model, (32, 32, 1))
+    tx, _ = finetune.make_optimizer(cfg, plan, steps_per_epoch=10, num_epochs=1)
+    grads = jax.tree.map(jnp.ones_like, params)  # known gradients: the update is -lr * scale
+    updates, _ = tx.update(grads, tx.init(params), params)
+    expected = {"output": -1.0, "c1": -0.05, "c5": -0.1, "f6": -0.1, "c3": 0.0}
+    for layer, value in expected.items():
+        np.testing.assert_allclose(updates[layer]["kernel"], value, rtol=1e-6)
+    assert plan.frozen["c3"]["kernel"] and not plan.frozen["c1"]["kernel"]
+    assert plan.frozen_count(params) == params["c3"]["kernel"].size + params["c3"]["bias"].size
+
+
+def test_momentum_state_only_for_trained_params(lenet):
+    model, params, _, _ = lenet
+    plan = finetune.make_plan(_finetune(freeze=("^c[135]/",)), model, (32, 32, 1))
+    tx, _ = finetune.make_optimizer(optimizer_config(), plan, steps_per_epoch=10, num_epochs=1)
+    state_size = sum(np.size(s) for s in jax.tree.leaves(tx.init(params)))
+    trained = sum(np.size(p) for p in jax.tree.leaves(params)) - plan.frozen_count(params)
+    assert trained < state_size <= trained + 4  # SGD momentum's trace, plus step counters
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"freeze": ("^stem_",)}, "finetune.freeze pattern '^stem_' matches no parameter"),
+    ({"freeze": (".",)}, "freezes every parameter"),
+    ({"lr_groups": (("^c1/", 0.0), ("", 0.0))}, "freezes every parameter"),
+    ({"freeze": ("c1[",)}, "finetune.freeze pattern 'c1[' is not a valid regex"),
+    ({"reinit": ("^fc/",)}, "finetune.reinit pattern '^fc/' matches no parameter"),
+    ({"lr_groups": (("^c1/",),)}, "(regex, lr_scale >= 0) pairs"),
+    ({"lr_groups": (("^c1/", -1.0),)}, "(regex, lr_scale >= 0) pairs"),
+    ({"first_conv": "rgb"}, "finetune.first_conv must be"),
+    ({"freeze_batch_stats": "yes"}, "finetune.freeze_batch_stats must be"),
+    ({"head": (0,)}, "finetune.head lists hidden widths"),
+])
+def test_bad_finetune_settings_are_one_line_errors(lenet, fields, message):
+    model = lenet[0]
+    with pytest.raises(ValueError) as error:
+        finetune.make_plan(_finetune(**fields), model, (32, 32, 1))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_mlp_head_keeps_the_bare_models_paths():
+    cfg = _finetune(head=(16, 8))
+    model = finetune.build_model("lenet5", 3, cfg)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 1))))
+    params = shapes["params"]
+    assert params["output"]["kernel"].shape == (84, 16)  # LeNet's classifier now feeds the head
+    assert params["head_hidden_0"]["kernel"].shape == (16, 8)
+    assert params["head_out"]["kernel"].shape == (8, 3)
+    assert params["c1"]["kernel"].shape == (5, 5, 1, 6)  # not nested under the wrapper
+
+
+def _conv_source():
+    rng = np.random.default_rng(0)
+    source = {"params": {"stem": {"kernel": rng.standard_normal((3, 3, 3, 4)).astype(np.float32)},
+                         "fc": {"kernel": rng.standard_normal((4, 5)).astype(np.float32)}}}
+    target = {"params": {"stem": {"kernel": np.full((3, 3, 1, 4), 7.0, np.float32)},
+                         "fc": {"kernel": np.full((4, 2), 7.0, np.float32)}}}
+    return source, target
+
+
+@pytest.mark.parametrize("mode", ["repeat", "mean", "new"])
+def test_first_conv_modes(mode):
+    source, target = _conv_source()
+    merged, report = finetune.merge_variables(source, target, _finetune(first_conv=mode, strict=False))
+    kernel, rgb = merged["params"]["stem"]["kernel"], source["params"]["stem"]["kernel"]
+    expected = {"repeat": rgb.sum(axis=2, keepdims=True), "mean": rgb.mean(axis=2, keepdims=True),
+                "new": target["params"]["stem"]["kernel"]}[mode]
+    np.testing.assert_allclose(kernel, expected, rtol=1e-6)
+    assert report.fresh["params/fc/kernel"] == "checkpoint (4, 5), model (4, 2)"  # new classes
+    assert ("params/stem/kernel" in report.fresh) == (mode == "new")
+
+
+def test_strict_mismatch_is_a_one_line_error():
+    source, target = _conv_source()
+    with pytest.raises(ValueError, match="finetune.strict=false") as error:
+        finetune.merge_variables(source, target, _finetune(first_conv="repeat"))
+    assert "params/fc/kernel: checkpoint (4, 5), model (4, 2)" in str(error.value)
+    assert "\n" not in str(error.value)

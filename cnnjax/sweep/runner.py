@@ -217,15 +217,18 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, train_fn: Trai
         raise ValueError("the config has no sweep; set config.sweep = cnnjax.sweep.sweep_config(...)")
     sweep = config.sweep
     _check(sweep)
-    if sweep.study:
-        study_function(sweep.study)  # a misspelt study fails here, before anything trains
+    for field in ("study", "prepare"):
+        if sweep.get(field):  # a misspelt function fails here, before anything trains
+            study_function(sweep[field], field=f"sweep.{field}")
     params = space.parse_space(sweep.params)
-    ctx = _Context(config, workdir, train_fn or train_and_evaluate, max_runs, print_fn)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "sweep_config.json"), "w") as f:
         f.write(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))
+    ctx = _Context(config, workdir, train_fn or train_and_evaluate, max_runs, print_fn)
     status = "done"
     try:
+        if sweep.get("prepare"):
+            ctx.config = _prepared(ctx.config, workdir)
         if sweep.strategy == "grid":
             results = _run_static(ctx, space.grid_variants(params, sweep.variants))
         elif sweep.strategy == "random":
@@ -251,20 +254,30 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, train_fn: Trai
     return summary
 
 
-def study_function(spec: str) -> Callable[..., str]:
-    """The callable named by sweep.study: "package.module[:function]", function defaulting to report."""
+def study_function(spec: str, field: str = "sweep.study") -> Callable[..., Any]:
+    """The callable named by sweep.study (or sweep.prepare): "package.module[:function]", function
+    defaulting to report."""
     import importlib
 
     module_name, _, function = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ValueError(f"sweep.study {spec!r}: cannot import {module_name!r} ({error}); "
+        raise ValueError(f"{field} {spec!r}: cannot import {module_name!r} ({error}); "
                          "give an importable module such as cnnjax.studies.bottleneck") from None
     fn = getattr(module, function or "report", None)
     if not callable(fn):
-        raise ValueError(f"sweep.study {spec!r}: {module_name} has no function {function or 'report'!r}")
+        raise ValueError(f"{field} {spec!r}: {module_name} has no function {function or 'report'!r}")
     return fn
+
+
+def _prepared(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """`config` with the fields sweep.prepare returns set, before the variants apply their own."""
+    overrides = study_function(config.sweep.prepare, field="sweep.prepare")(workdir=workdir,
+                                                                             config=config)
+    prepared = space.apply_variant(config, overrides or {})
+    prepared.sweep = config.sweep  # apply_variant drops the sweep; the strategies read it
+    return prepared
 
 
 def collect(workdir: str) -> list[tuple[dict, list[dict]]]:

@@ -50,6 +50,11 @@ def sweep_config(**overrides: Any) -> ml_collections.ConfigDict:
     # function(workdir=, config=, summary=, results=) -> markdown appended to report.md: the
     # ablation studies add their arithmetic, diagnostics and plots this way (cnnjax.studies).
     sweep.study = ""
+    # "package.module[:function]" called once before any variant trains, as
+    # function(workdir=, config=) -> {dotted field: value} set on every variant's config (a
+    # variant's own fields win): cnnjax.studies.transfer:pretrain trains the source run this way and
+    # returns its checkpoints as init_from. It must skip work it finds done (the sweep reruns it).
+    sweep.prepare = ""
     if "params" in overrides:
         sweep.params = nest(flatten_params(overrides.pop("params")))
     if "variants" in overrides:  # a list keeps its dicts as they are: dotted keys are fine there

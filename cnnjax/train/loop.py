@@ -16,11 +16,18 @@ import ml_collections
 import numpy as np
 
 from cnnjax import config as config_lib
-from cnnjax import distributed
+from cnnjax import distributed, finetune
 from cnnjax.data import build_pipeline
-from cnnjax.models import create_model, get_spec
-from cnnjax.train import checkpoint, metrics, optim, report
-from cnnjax.train.state import abstract_train_state, count_params, create_train_state
+from cnnjax.models import get_spec
+from cnnjax.train import checkpoint, metrics, report
+from cnnjax.train.state import (
+    abstract_train_state,
+    count_params,
+    create_train_state,
+    host_copy,
+    read_checkpoint_variables,
+    start_from_variables,
+)
 from cnnjax.train.step import compile_steps
 
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
@@ -113,9 +120,11 @@ class RunSetup:
                 "training examples; lower batch_size"
             )
         self.num_classes = self.pipeline.num_classes
-        self.model = create_model(
+        self.finetune = finetune.resolve_config(config)
+        self.model = finetune.build_model(
             config.model.name,
-            num_classes=self.num_classes,
+            self.num_classes,
+            self.finetune,
             dtype=self.dtype,
             **config.model.kwargs.to_dict(),
         )
@@ -123,11 +132,16 @@ class RunSetup:
         self.total_steps = config.num_epochs * self.steps_per_epoch
         if config.num_train_steps > 0:
             self.total_steps = min(self.total_steps, config.num_train_steps)
-        self.tx, self.schedule = optim.make_optimizer(
-            config.optimizer, steps_per_epoch=self.steps_per_epoch, num_epochs=config.num_epochs
+        self.input_shape = tuple(self.pipeline.image_shape)
+        # Frozen parameters and LR groups shape the optimizer state, so they come first.
+        self.plan = finetune.make_plan(self.finetune, self.model, self.input_shape)
+        self.tx, self.schedule = finetune.make_optimizer(
+            config.optimizer,
+            self.plan,
+            steps_per_epoch=self.steps_per_epoch,
+            num_epochs=config.num_epochs,
         )
         self.use_ema = config.optimizer.ema_decay > 0
-        self.input_shape = tuple(self.pipeline.image_shape)
         self.abstract_state = abstract_train_state(
             self.model, self.tx, input_shape=self.input_shape, mesh=self.mesh, use_ema=self.use_ema
         )
@@ -140,6 +154,8 @@ class RunSetup:
             num_classes=self.num_classes,
             ema_decay=float(config.optimizer.ema_decay),
             accumulate_steps=int(config.optimizer.accumulate_steps),
+            frozen=self.plan.frozen,
+            frozen_stats=self.plan.frozen_stats,
         )
         if config.best_metric not in checkpoint.BEST_METRICS:
             raise ValueError(
@@ -164,13 +180,12 @@ class RunSetup:
             use_ema=self.use_ema,
         )
         if config.init_from:
-            params, batch_stats = checkpoint.restore_weights(config.init_from, self.abstract_state)
-            state = state.replace(
-                params=params,
-                batch_stats=batch_stats,
-                opt_state=self.tx.init(params),
-                ema_params=params if self.use_ema else None,
-            )
+            fresh = host_copy({"params": state.params, "batch_stats": state.batch_stats})
+            source = read_checkpoint_variables(config.init_from)
+            variables, loaded = finetune.merge_variables(source, fresh, self.finetune)
+            state = start_from_variables(state, variables, self.tx, self.mesh, self.use_ema)
+            if distributed.is_primary():
+                print("\n".join(loaded.lines(config.init_from)))
         return state
 
 
@@ -260,6 +275,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"{count_params(state.params):,} params, {jax.device_count()} device(s), "
             f"{run.total_steps} steps, workdir {workdir}"
         )
+        frozen = run.plan.frozen_count(state.params)
+        if frozen:
+            print(f"finetune: {frozen:,} frozen params (finetune.freeze / lr_groups at 0), "
+                  f"{count_params(state.params) - frozen:,} trained")
         if step:
             print(f"resumed from the checkpoint at step {step}")
     try:
@@ -393,6 +412,7 @@ def _finish(config, run: RunSetup, outcome: dict, workdir: str, writer) -> dict:
         "dataset": run.pipeline.name,
         "input_shape": list(run.input_shape),
         "params": count_params(state.params),
+        "trainable_params": count_params(state.params) - run.plan.frozen_count(state.params),
         "macs": profile.get("macs"),
         "flops": profile.get("flops"),
         "steps": outcome["step"],

@@ -65,6 +65,10 @@ def _check_members(config: ml_collections.ConfigDict, seeds: Sequence[int],
         raise ValueError(f"members {members} repeat a (seed, learning rate) pair; make each distinct")
     if config.init_from:
         raise ValueError("train_many starts from fresh weights; clear config.init_from or use launch.py")
+    finetune = config.get("finetune") or {}
+    if finetune.get("freeze") or finetune.get("lr_groups") or finetune.get("freeze_batch_stats") == "all":
+        raise ValueError("train_many does not apply finetune.freeze, lr_groups or freeze_batch_stats="
+                         "'all'; clear them or train with launch.py")
     if jax.process_count() > 1:
         raise ValueError("train_many runs in one process; launch it without multi-process flags")
 

@@ -184,7 +184,8 @@ def _update_rule(cfg: Any, lr: optax.Schedule) -> optax.GradientTransformation:
     )
 
 
-def _check_optimizer(cfg: Any) -> None:
+def check_optimizer(cfg: Any) -> None:
+    """One-line errors for optimizer settings that no update rule accepts."""
     if cfg.name not in OPTIMIZERS:
         raise ValueError(
             f"unknown optimizer.name {cfg.name!r}; choose one of {', '.join(OPTIMIZERS)}"
@@ -214,7 +215,7 @@ def make_optimizer(
     of k batch gradients and its schedule advances once per k train steps (an epoch is
     steps_per_epoch / k updates).
     """
-    _check_optimizer(cfg)
+    check_optimizer(cfg)
     k = cfg.accumulate_steps
     per_update = make_schedule(cfg, steps_per_epoch=steps_per_epoch / k, num_epochs=num_epochs)
     chain = []

@@ -1,14 +1,17 @@
-"""The train-state pytree (params, batch stats, optimizer state, step, RNG, EMA) and its creation."""
+"""The train-state pytree (params, batch stats, optimizer state, step, RNG, EMA) and how a run starts it."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from cnnjax import distributed
@@ -84,3 +87,68 @@ def abstract_train_state(
 def count_params(params: Any) -> int:
     """Number of scalars in a parameter tree."""
     return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def read_checkpoint_variables(directory: str) -> dict[str, Any]:
+    """{params, batch_stats} of the latest checkpoint under `directory` as host numpy arrays, at the
+    shapes the checkpoint holds (not the model's): fine-tuning decides what fits.
+
+    Reads a cnnjax run's checkpoints/ (only those two entries of its TrainState) or a converted
+    torchvision/timm checkpoint (`python -m cnnjax.pretrained convert`).
+    """
+    if not os.path.isdir(directory):
+        raise ValueError(
+            f"init_from directory {directory!r} does not exist; give a run's checkpoints/ directory "
+            "or the output of `python -m cnnjax.pretrained convert`"
+        )
+    manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(read_only=True),
+        item_handlers=ocp.PyTreeCheckpointHandler(),
+    )
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise ValueError(f"init_from directory {directory!r} holds no checkpoint")
+        tree = manager.item_metadata(step).tree
+        target = {k: tree[k] for k in ("params", "batch_stats") if jax.tree.leaves(tree.get(k, {}))}
+        if "params" not in target:
+            raise ValueError(f"init_from checkpoint {directory!r} holds no params")
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), target)
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+        args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+        return {"batch_stats": {}, **manager.restore(step, args=args)}
+    finally:
+        manager.close()
+
+
+def host_copy(tree: Any) -> Any:
+    """Numpy copies of replicated arrays (each process reads its own local copy)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+def start_from_variables(
+    state: TrainState,
+    variables: dict[str, Any],
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    use_ema: bool = False,
+) -> TrainState:
+    """`state` (step 0) with host `variables` as its params and batch stats, a fresh optimizer
+    state for them, and the EMA starting there; replicated over `mesh`."""
+    sharding = distributed.replicated(mesh)
+    variables = jax.tree.map(
+        lambda a: jax.make_array_from_callback(a.shape, sharding, lambda index: a[index]), variables
+    )
+
+    def start(state: TrainState, params: Any, batch_stats: Any) -> TrainState:
+        return state.replace(
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=tx.init(params),
+            ema_params=params if use_ema else None,
+        )
+
+    return jax.jit(start, out_shardings=sharding)(
+        state, variables["params"], variables["batch_stats"]
+    )

@@ -13,7 +13,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from cnnjax import distributed
+from cnnjax import distributed, finetune
 from cnnjax.train import losses, optim
 from cnnjax.train.state import TrainState
 
@@ -32,11 +32,19 @@ def train_step(
     num_classes: int,
     ema_decay: float = 0.0,
     accumulate_steps: int = 1,
+    frozen: Any = None,
+    frozen_stats: Any = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimisation step on one global batch; returns the new state and scalar metrics."""
+    """One optimisation step on one global batch; returns the new state and scalar metrics.
+
+    `frozen` / `frozen_stats` (trees of Python bools, finetune.Plan) name the parameters that do not
+    train and the batch statistics that stay; both come back bit-identical.
+    """
     dropout_rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
+        if frozen is not None:  # no gradient: XLA can skip the frozen layers' backward pass
+            params = finetune.stop_frozen_gradients(params, frozen)
         variables = {"params": params, "batch_stats": state.batch_stats}
         logits, new_vars = model.apply(
             variables,
@@ -60,6 +68,10 @@ def train_step(
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if frozen is not None:  # p + 0 would turn -0.0 into 0.0; keep the very same values
+        params = finetune.keep_frozen(params, state.params, frozen)
+    if frozen_stats is not None:
+        batch_stats = finetune.keep_frozen(batch_stats, state.batch_stats, frozen_stats)
     ema_params = state.ema_params
     if ema_params is not None:
         ema_params = optim.ema_update(ema_params, params, ema_decay)
