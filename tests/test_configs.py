@@ -67,12 +67,28 @@ def test_config_fields_and_docstring(name):
     json.loads(config_lib.to_json(config))
     doc = open(path).read().split('"""')[1]
     command = "python launch.py" if name == "lenet5_digits" else f"python launch.py --config {path}"
-    assert command in doc and "Expected" in doc and "Measured:" in doc
+    assert command in doc and "Measured" in doc
+    if name.startswith(("ablation_", "transfer_")):  # a study states its sweep command and result
+        assert "--sweep" in doc
+    else:
+        assert "Expected" in doc and "Measured:" in doc
+
+
+# Studies (a sweep of variants plus a report) run their whole smoke sweep in their own test files.
+STUDIES = [c for c in CONFIGS if c.startswith(("ablation_", "transfer_"))]
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_every_study_declares_a_sweep_and_has_its_own_test(name):
+    config, _ = config_lib.load_config(f"experiments/{name}.py:smoke")
+    assert config.sweep.variants and config.sweep.study.startswith("cnnjax.studies.")
+    family = "transfer" if name.startswith("transfer_") else name
+    assert os.path.exists(os.path.join(ROOT, "tests", f"test_{family}.py"))
 
 
 # lenet5_digits:smoke runs as a real subprocess in test_launch.py.
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [c for c in CONFIGS if c != "lenet5_digits"])
+@pytest.mark.parametrize("name", [c for c in CONFIGS if c != "lenet5_digits" and c not in STUDIES])
 def test_smoke_run(name, tmp_path):
     workdir = tmp_path / name
     assert (
