@@ -9,6 +9,7 @@ and not normalise at all. Batch-statistic updates are discarded.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 Array = jax.Array
@@ -103,7 +105,17 @@ def layer_statistics(model: nn.Module, variables: Any, x: Array, *, act: str | N
     the layer are identical. Layers whose output is not an array are skipped; the head's row
     describes the logits, which pass through no activation.
     """
-    act_name = _act_name(model, act)
+    run, names = _cached(_statistics_fn, model, _act_name(model, act), train, depth)
+    stats = run(variables, x)
+    return [{"name": name, **{k: float(v) for k, v in s.items()}}
+            for name, s in zip(names, stats, strict=True)]
+
+
+# Cached per (model, settings) so a study that measures the same net at init and after training
+# traces and compiles it once (flax modules hash by their fields).
+@functools.lru_cache(maxsize=16)
+def _statistics_fn(model: nn.Module, act_name: str | None, train: bool, depth: int
+                   ) -> tuple[Callable[[Any, Array], list[dict[str, Array]]], list[str]]:
     forward, names = _recording_forward(model, depth, train)
 
     @jax.jit
@@ -111,9 +123,7 @@ def layer_statistics(model: nn.Module, variables: Any, x: Array, *, act: str | N
         _, outputs = forward(variables, x)
         return [_statistics(a, act_name) for a in outputs]
 
-    stats = run(variables, x)
-    return [{"name": name, **{k: float(v) for k, v in s.items()}}
-            for name, s in zip(names, stats, strict=True)]
+    return run, names
 
 
 def parameter_gradients(model: nn.Module, variables: Any, x: Array, y: Array, *,
@@ -123,19 +133,50 @@ def parameter_gradients(model: nn.Module, variables: Any, x: Array, y: Array, *,
         raise ValueError(f"labels must be integer class ids of shape [{x.shape[0]}], got shape "
                          f"{y.shape}; pass argmax of one-hot labels.")
     others = {k: v for k, v in variables.items() if k != "params"}
+    return _cached(_gradient_fn, model, train)(variables["params"], others, x, y)
 
-    def loss(params: Any) -> Array:
+
+def _cached(builder: Any, model: nn.Module, *args: Any) -> Any:
+    """builder(model, *args) from its lru_cache, or built afresh when the model cannot be hashed
+    (a field holding a list, as configs read back from JSON give)."""
+    try:
+        hash(model)
+    except TypeError:
+        return builder.__wrapped__(model, *args)
+    return builder(model, *args)
+
+
+@functools.lru_cache(maxsize=16)
+def _gradient_fn(model: nn.Module, train: bool) -> Callable[..., Any]:
+    def loss(params: Any, others: Any, x: Array, y: Array) -> Array:
         result = model.apply({"params": params, **others}, x, **_apply_kwargs(train))
         logits = (result[0] if train else result).astype(jnp.float32)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    return jax.jit(jax.grad(loss))(variables["params"])
+    return jax.jit(jax.grad(loss))
+
+
+_CALL_ORDERS: dict[Any, list[str]] = {}  # (model, depth, input, variables' tree) -> layer names
 
 
 def _call_order(model: nn.Module, variables: Any, x: Array, depth: int) -> list[str]:
-    forward, names = _recording_forward(model, depth, train=False)
-    jax.eval_shape(forward, variables, x)
-    return list(dict.fromkeys(names))
+    # The order depends only on the model and the input's shape; tracing it is the slow part, so a
+    # study measuring one net several times (at init, after training) traces it once.
+    key = (model, depth, tuple(x.shape[1:]), str(x.dtype), jax.tree.structure(variables))
+    try:
+        hash(key)
+    except TypeError:  # an unhashable model field: trace every time
+        key = None
+    if key is None or key not in _CALL_ORDERS:
+        forward, names = _recording_forward(model, depth, train=False)
+        jax.eval_shape(forward, variables, x)
+        order = list(dict.fromkeys(names))
+        if key is None:
+            return order
+        if len(_CALL_ORDERS) >= 64:
+            _CALL_ORDERS.clear()
+        _CALL_ORDERS[key] = order
+    return _CALL_ORDERS[key]
 
 
 def gradient_norms(model: nn.Module, variables: Any, x: Array, y: Array, *, train: bool = True,
@@ -149,8 +190,10 @@ def gradient_norms(model: nn.Module, variables: Any, x: Array, y: Array, *, trai
     for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]:
         keys = [str(getattr(k, "key", k)) for k in path]
         groups.setdefault("/".join(keys[:depth]), []).append(leaf)
-    norms = {name: float(jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in leaves)))
-             for name, leaves in groups.items()}
+    # numpy on the host: jnp here would compile one tiny program per leaf shape
+    host = jax.device_get(groups)
+    norms = {name: float(np.sqrt(sum(np.sum(np.square(g, dtype=np.float64)) for g in leaves)))
+             for name, leaves in host.items()}
     order = [n for n in _call_order(model, variables, x[:1], depth) if n in norms]
     return {name: norms[name] for name in order + sorted(set(norms) - set(order))}
 
@@ -213,6 +256,48 @@ def plot_gradient_norms(norms: Mapping[str, float] | Mapping[str, Mapping[str, f
     if any(_series(norms)):
         ax.legend(fontsize=7)
     ax.set_title(title)
+    return _save(fig, path, plt)
+
+
+def plot_layer_panels(panels: Mapping[str, Mapping[str, Mapping[str, float]]], path: str | Path, *,
+                      ylabel: str, log: bool = True, ncols: int = 2, title: str = "") -> Path:
+    """PNG of one per-layer quantity in side-by-side panels, e.g. gradient norms at init | trained.
+
+    `panels` is {panel title: {line label: {layer name: value}}}: a `gradient_norms` result is
+    already a {layer: value} dict; for `layer_statistics` pass {s["name"]: s[key] for s in stats}.
+    Panels share the y axis so "before" and "after" read on one scale; on a log axis an exact 0 is
+    drawn at 1e-30.
+    """
+    plt = _pyplot()
+    ncols = max(1, min(ncols, len(panels)))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.2 * nrows), sharey=True,
+                             squeeze=False)
+    for ax, (panel, runs) in zip(axes.flat, panels.items(), strict=False):
+        # One x position per layer name, so nets of different depths line up by layer (a shallow
+        # net's head sits at the deep net's head, not at its layer9).
+        longest_first = sorted(runs.values(), key=len, reverse=True)
+        position = {n: i for i, n in enumerate(dict.fromkeys(n for run in longest_first for n in run))}
+        for label, run in runs.items():
+            xs, values = [], []
+            for name, value in run.items():
+                if xs and position[name] != xs[-1] + 1:  # layers this net lacks: break the line
+                    xs.append(float("nan"))
+                    values.append(float("nan"))
+                xs.append(position[name])
+                values.append(max(value, 1e-30) if log else value)
+            ax.plot(xs, values, marker="o", ms=3, label=label)
+        ax.set_xticks(list(position.values()), list(position), rotation=90, fontsize=6)
+        ax.set_title(panel, fontsize=9)
+        if log:
+            ax.set_yscale("log")
+        ax.legend(fontsize=6)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel)
+    if title:
+        fig.suptitle(title)
     return _save(fig, path, plt)
 
 
