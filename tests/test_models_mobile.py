@@ -66,6 +66,12 @@ def test_b7_table_is_derived_from_b0():
         (s.kernel_size, s.stride, s.expand_ratio) for s in base]
 
 
+def test_stage_table_read_back_from_json_lists():
+    # A run's config.json stores the stage table as lists; the model must read it as StageConfigs.
+    rows = [list(s) for s in efficientnet.B0_STAGES]
+    assert efficientnet.scaled_stages(1.1, 1.2, rows) == efficientnet.scaled_stages(1.1, 1.2)
+
+
 def test_compound_coefficients():
     np.testing.assert_allclose(efficientnet.compound_coefficients(0), (1.0, 1.0, 1.0))
     depth, width, resolution = efficientnet.compound_coefficients(1)

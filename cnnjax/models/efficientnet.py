@@ -73,9 +73,11 @@ def scaled_stages(width_coefficient: float, depth_coefficient: float,
     if width_coefficient <= 0 or depth_coefficient <= 0:
         raise ValueError(f"width and depth coefficients must be > 0, got {width_coefficient} and "
                          f"{depth_coefficient}; B0 uses 1.0 and 1.0.")
+    # StageConfig(*row): a stage table read back from a run's config.json arrives as plain lists.
+    stages = [StageConfig(*row) for row in base]
     return [s._replace(in_channels=round_filters(s.in_channels, width_coefficient),
                        out_channels=round_filters(s.out_channels, width_coefficient),
-                       repeats=round_repeats(s.repeats, depth_coefficient)) for s in base]
+                       repeats=round_repeats(s.repeats, depth_coefficient)) for s in stages]
 
 
 def compound_coefficients(phi: float, alpha: float = 1.2, beta: float = 1.1,
