@@ -12,7 +12,7 @@ from cnnjax.config import load_config
 from cnnjax.distributed import make_mesh
 from cnnjax.models.ablation import PlainNet
 from cnnjax.profile import profile_module
-from cnnjax.studies import load_trial
+from cnnjax.studies import final_training, initial_variables, load_trial
 from cnnjax.studies import skip_connections as study
 from cnnjax.sweep import run_sweep
 from cnnjax.train.state import create_train_state
@@ -62,7 +62,7 @@ def test_final_training_loss_is_the_last_epochs_logged_mean(sweep):
     assert plain4["train_loss"] == pytest.approx(expected, rel=1e-6)
     late = [{"epoch": e, "loss": v, "accuracy": 0.0} for e, v in ((0.5, 9.0), (1.0, 3.0), (1.5, 2.0),
                                                                   (2.0, 1.0))]
-    assert study.final_training(late)["loss"] == pytest.approx(1.5)  # epochs in (1, 2] only
+    assert final_training(late)["loss"] == pytest.approx(1.5)  # epochs in (1, 2] only
 
 
 def test_initial_variables_are_the_trainings_and_gradients_match_jax_grad(sweep):
@@ -70,7 +70,7 @@ def test_initial_variables_are_the_trainings_and_gradients_match_jax_grad(sweep)
     trial = load_trial(str(_seed_dir(workdir, summary, "residual4")))
     state = create_train_state(trial.model, optax.identity(), seed=trial.config.seed,
                                input_shape=tuple(trial.images.shape[1:]), mesh=make_mesh())
-    init = study.initial_variables(trial)
+    init = initial_variables(trial)
     jax.tree.map(np.testing.assert_array_equal, init["params"], jax.device_get(state.params))
 
     def loss(params):

@@ -6,12 +6,14 @@ written its report, `run_sweep` calls that module's `report(workdir=, config=, s
 and appends the markdown it returns (arithmetic from the source notes, diagnostics, extra plots).
 
 Shared helpers for those modules live here: reading a finished trial back (its config, trained
-variables and a batch of its data) so a study can look inside the network after training.
+variables, its variables at initialisation, its training curve and a batch of its data) so a study
+can look inside the network before and after training.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -21,10 +23,14 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+import optax
 
 from cnnjax.sweep.runner import trial_dir
+from cnnjax.train.report import METRICS_FILE, read_metrics
+from cnnjax.train.state import init_fn
 
-__all__ = ["Trial", "load_trial", "first_seed_dirs", "rows_by_variant"]
+__all__ = ["Trial", "load_trial", "first_seed_dirs", "rows_by_variant", "initial_variables",
+           "init_variables", "training_curve", "final_training"]
 
 
 @dataclasses.dataclass
@@ -81,3 +87,37 @@ def first_seed_dirs(workdir: str, results: Sequence[tuple[Mapping, list[dict]]])
 def rows_by_variant(summary: Mapping) -> dict[str, dict]:
     """The sweep report's rows keyed by variant name."""
     return {row["variant"]: row for row in summary["rows"]}
+
+
+def initial_variables(trial: Trial) -> dict[str, Any]:
+    """The trial's variables at step 0: create_train_state's init with the trial's seed and key."""
+    return init_variables(trial.model, tuple(trial.images.shape[1:]), trial.config.seed)
+
+
+@functools.lru_cache(maxsize=8)
+def init_variables(model: Any, input_shape: tuple[int, ...], seed: int) -> dict[str, Any]:
+    """`model`'s variables as create_train_state initialises them from `seed` (params and, when the
+    model has them, batch statistics); jitted, so init costs one compile, not one per initialiser."""
+    state = jax.jit(init_fn(model, optax.identity(), input_shape, False))(jax.random.PRNGKey(seed))
+    variables = {"params": state.params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    return jax.device_get(variables)
+
+
+def training_curve(seed_dir: str) -> list[dict]:
+    """The run's logged train records (step, epoch, loss, accuracy ...), sorted by step."""
+    return read_metrics(os.path.join(seed_dir, METRICS_FILE)).get("train", [])
+
+
+def final_training(records: Sequence[dict]) -> dict[str, float]:
+    """Training loss and accuracy over the last epoch: the mean of the records logged in it.
+
+    Each record is itself the mean over the steps since the previous one, so this is the training
+    error the net had while finishing, not a single noisy batch.
+    """
+    if not records:
+        return {"loss": float("nan"), "accuracy": float("nan")}
+    last = records[-1]["epoch"]
+    tail = [r for r in records if r["epoch"] > last - 1]
+    return {key: float(np.mean([r[key] for r in tail])) for key in ("loss", "accuracy")}

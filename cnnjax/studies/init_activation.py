@@ -23,8 +23,15 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from cnnjax import diagnostics
-from cnnjax.studies import Trial, first_seed_dirs, load_trial, rows_by_variant
-from cnnjax.studies.skip_connections import final_training, initial_variables, training_curve
+from cnnjax.studies import (
+    Trial,
+    final_training,
+    first_seed_dirs,
+    initial_variables,
+    load_trial,
+    rows_by_variant,
+    training_curve,
+)
 from cnnjax.sweep.report import markdown_table
 
 STATS_PNG = "init_activation_stats.png"

@@ -14,7 +14,6 @@ initialisation and after training, and writes:
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -22,57 +21,25 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
 from matplotlib.figure import Figure
 
 from cnnjax import diagnostics
 from cnnjax.profile import init_shapes
-from cnnjax.studies import Trial, first_seed_dirs, load_trial, rows_by_variant
+from cnnjax.studies import (
+    Trial,
+    final_training,
+    first_seed_dirs,
+    init_variables,
+    load_trial,
+    rows_by_variant,
+    training_curve,
+)
 from cnnjax.sweep.report import markdown_table
 from cnnjax.sweep.runner import trial_dir
-from cnnjax.train.report import METRICS_FILE, read_metrics
-from cnnjax.train.state import init_fn
 
 LOSS_PNG = "skip_training_loss.png"
 GRADS_PNG = "skip_gradient_norms.png"
 MEASURED_JSON = "skip_connections.json"  # every number of the section, for scripts and tests
-
-
-# --- reading a finished trial ------------------------------------------------------------------
-
-
-def initial_variables(trial: Trial) -> dict[str, Any]:
-    """The trial's variables at step 0: create_train_state's init with the trial's seed and key."""
-    return init_variables(trial.model, tuple(trial.images.shape[1:]), trial.config.seed)
-
-
-@functools.lru_cache(maxsize=8)
-def init_variables(model: Any, input_shape: tuple[int, ...], seed: int) -> dict[str, Any]:
-    """`model`'s variables as create_train_state initialises them from `seed` (params and, when the
-    model has them, batch statistics); jitted, so init costs one compile, not one per initialiser."""
-    state = jax.jit(init_fn(model, optax.identity(), input_shape, False))(jax.random.PRNGKey(seed))
-    variables = {"params": state.params}
-    if state.batch_stats:
-        variables["batch_stats"] = state.batch_stats
-    return jax.device_get(variables)
-
-
-def training_curve(seed_dir: str) -> list[dict]:
-    """The run's logged train records (step, epoch, loss, accuracy ...), sorted by step."""
-    return read_metrics(os.path.join(seed_dir, METRICS_FILE)).get("train", [])
-
-
-def final_training(records: Sequence[dict]) -> dict[str, float]:
-    """Training loss and accuracy over the last epoch: the mean of the records logged in it.
-
-    Each record is itself the mean over the steps since the previous one, so this is the training
-    error the net had while finishing, not a single noisy batch.
-    """
-    if not records:
-        return {"loss": float("nan"), "accuracy": float("nan")}
-    last = records[-1]["epoch"]
-    tail = [r for r in records if r["epoch"] > last - 1]
-    return {key: float(np.mean([r[key] for r in tail])) for key in ("loss", "accuracy")}
 
 
 # --- arithmetic --------------------------------------------------------------------------------
