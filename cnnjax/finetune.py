@@ -326,7 +326,8 @@ def merge_variables(source: Mapping[str, Any], target: Mapping[str, Any],
     """`target` (fresh {params, batch_stats}, host arrays) with the `source` checkpoint's leaves
     wherever path and shape fit; `cfg` (config.finetune) says what else happens:
     reinit patterns start fresh, first_conv adapts kernels that read another channel count, and
-    with strict any other leaf the checkpoint lacks or holds at another shape is an error.
+    with strict any other leaf the checkpoint lacks or holds at another shape, and any checkpoint
+    array the model has no place for, is an error.
     """
     report = LoadReport()
     reinit = _patterns("finetune.reinit", cfg.reinit)
@@ -362,6 +363,9 @@ def merge_variables(source: Mapping[str, Any], target: Mapping[str, Any],
     merged = {c: jax.tree_util.tree_map_with_path(lambda p, v, c=c: pick(c, p, np.asarray(v)),
                                                   target[c]) for c in target}
     report.unused = [f"{c}/{n}" for c in flat for n in flat[c]]
+    if cfg.strict and report.unused:  # e.g. a resnet34 checkpoint would silently half-fill a resnet18
+        raise ValueError(f"init_from checkpoint has {len(report.unused)} arrays this model lacks "
+                         f"(first: {report.unused[0]}); {hint}")
     return merged, report
 
 

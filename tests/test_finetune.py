@@ -214,3 +214,16 @@ def test_strict_mismatch_is_a_one_line_error():
         finetune.merge_variables(source, target, _finetune(first_conv="repeat"))
     assert "params/fc/kernel: checkpoint (4, 5), model (4, 2)" in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_strict_rejects_checkpoint_arrays_the_model_lacks():
+    # A deeper net's checkpoint must not half-fill a shallower one without a word.
+    source, _ = _conv_source()
+    source["params"]["block2"] = {"kernel": np.zeros((3, 3, 4, 4), np.float32)}
+    target = {"params": {k: np.zeros_like(v["kernel"]) for k, v in source["params"].items()
+                         if k != "block2"}}
+    target = {"params": {k: {"kernel": v} for k, v in target["params"].items()}}
+    with pytest.raises(ValueError, match="1 arrays this model lacks .first: params/block2/kernel."):
+        finetune.merge_variables(source, target, _finetune())
+    merged, report = finetune.merge_variables(source, target, _finetune(strict=False))
+    assert report.unused == ["params/block2/kernel"] and "block2" not in merged["params"]

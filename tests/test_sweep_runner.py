@@ -194,3 +194,30 @@ def test_study_hook_appends_its_sections_and_a_bad_name_fails_before_training(tm
     with pytest.raises(ValueError, match="cannot import 'cnnjax.studies_missing'"):
         run_sweep(config, str(tmp_path / "bad"), train_fn=trainer, print_fn=lambda s: None)
     assert trainer.calls == []
+
+
+def test_a_misspelt_variant_field_fails_before_prepare_or_training(tmp_path):
+    config = _config(strategy="grid", prepare="test_sweep_runner:record_prepare",
+                     variants=[{"name": "ok"}, {"name": "typo", "finetune.freez": ("^c1/",)}])
+    trainer = FakeTrainer()
+    with pytest.raises(ValueError, match="finetune.freez"):
+        run_sweep(config, str(tmp_path), train_fn=trainer, print_fn=lambda s: None)
+    assert trainer.calls == [] and PREPARED == []
+
+
+PREPARED = []
+
+
+def record_prepare(workdir, config):
+    PREPARED.append(workdir)
+    return {}
+
+
+def test_a_stopped_sweep_skips_the_study_hook(tmp_path):
+    config = _config(strategy="grid", study="test_sweep_runner:study_report",
+                     params={"optimizer.learning_rate": [1e-3, 1e-2]})
+    lines = []
+    summary = run_sweep(config, str(tmp_path), train_fn=FakeTrainer(), max_runs=1, print_fn=lines.append)
+    assert summary["status"] == "stopped"
+    assert "## Study section" not in (tmp_path / "report.md").read_text()
+    assert any("rerun to resume" in line for line in lines)

@@ -158,7 +158,9 @@ def variant_rows(config: ml_collections.ConfigDict, summary: Mapping,
                       "accuracy": row.get("accuracy"), "accuracy_ci95": row.get("accuracy_ci95")})
     if not found:
         return []
-    ref = max(found, key=lambda r: (r["alpha"], r["rho"]))
+    # The reference is the largest variant that has costs (a variant whose every seed diverged has none).
+    costed = [r for r in found if r["macs"] and r["params"]] or found
+    ref = max(costed, key=lambda r: (r["alpha"], r["rho"]))
     for r in found:
         r["params / ref"] = r["params"] / ref["params"] if r["params"] and ref["params"] else None
         r["(alpha/ref)^2"] = (r["alpha"] / ref["alpha"]) ** 2
@@ -199,7 +201,9 @@ def _change(first: dict, last: dict, label: str, predicted: float) -> str:
 def _gap(rows: Sequence[dict], pointwise_share: float) -> str:
     """Where measured MACs part most from alpha^2 rho^2, and why."""
     ratio, worst = max(((r["MACs / ref"] / r["predicted (alpha rho / ref)^2"], r) for r in rows
-                        if r["MACs / ref"]), key=lambda t: t[0])
+                        if r["MACs / ref"]), key=lambda t: t[0], default=(None, None))
+    if ratio is None:
+        return "No variant has measured MACs to compare."
     if ratio <= 1.02:
         return "Every variant's MACs are within 2% of alpha^2 rho^2 times the reference's."
     last = sorted({r["last map"] for r in rows})

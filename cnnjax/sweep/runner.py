@@ -221,6 +221,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, train_fn: Trai
         if sweep.get(field):  # a misspelt function fails here, before anything trains
             study_function(sweep[field], field=f"sweep.{field}")
     params = space.parse_space(sweep.params)
+    _check_variants(config)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "sweep_config.json"), "w") as f:
         f.write(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))
@@ -247,11 +248,25 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, train_fn: Trai
 
     summary = report.write_report(workdir, results, sweep)
     summary["status"] = status
-    if sweep.study:
+    if sweep.study and status == "stopped":  # a preempted sweep must exit fast; the rerun reports
+        print_fn(f"{sweep.study} adds its sections when the sweep has finished; rerun to resume")
+    elif sweep.study:
         sections = study_function(sweep.study)(workdir=workdir, config=config, summary=summary,
                                                results=[(v, r) for v, r in results if r])
         report.append_sections(workdir, sections)
     return summary
+
+
+def _check_variants(config: ml_collections.ConfigDict) -> None:
+    """Every explicit variant's fields exist and its finetune settings parse, before anything (a
+    sweep.prepare pretraining included) runs; a typo would otherwise surface after hours."""
+    from cnnjax import finetune
+
+    for variant in config.sweep.variants:
+        trial = space.apply_variant(config, variant)
+        if "finetune" in trial:
+            finetune.check_config(trial.finetune)
+            finetune.lr_groups(trial.finetune)
 
 
 def study_function(spec: str, field: str = "sweep.study") -> Callable[..., Any]:
