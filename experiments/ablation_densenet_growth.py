@@ -32,9 +32,10 @@ widths match k0 + L*k and floor(theta * c) in every block, e.g. k=10: stem 20, b
 transition 25, block 55, transition 27 (floor of 27.5), block 57.
 """
 
+from _mnist_study import mnist_study_config
 from densenet_bc100_cifar10 import get_config as bc100_config  # experiments/ is on the path
 
-from cnnjax.config import base_config, smoke
+from cnnjax.config import smoke
 from cnnjax.sweep import sweep_config
 
 STUDY = "cnnjax.studies.densenet_growth"
@@ -56,19 +57,12 @@ def _gpu_config():
 
 
 def _cpu_config():
-    config = base_config()
+    # 14 px (MNIST halved: a quarter of the convolution cost); 1,200 validation digits (evaluating
+    # 5k costs as much as training here); 200 steps of 32 with a constant schedule, so stopping early
+    # is exact.
+    config = mnist_study_config(image_size=14, val_fraction=0.02, batch_size=32, steps=200)
     config.model.name = "densenet_bc100"  # DenseNet-BC, CIFAR stem; block_config set below
     config.model.kwargs.block_config = (3, 3, 3)
-    config.model.image_size = 14  # MNIST's 28x28 halved: a quarter of the convolution cost
-    config.model.in_channels = 1
-    config.data.name = "idx"
-    config.data.path = "../shared/datasets/mnist"
-    config.data.val_fraction = 0.02  # 1,200 digits: evaluating 5k costs as much as training here
-    config.batch_size = 32
-    config.num_epochs = 1
-    config.num_train_steps = 200  # 6,400 digits; the schedule is constant, so stopping early is exact
-    config.optimizer.name = "adam"
-    config.optimizer.learning_rate = 2e-3
     config.optimizer.schedule = "constant"
     config.log_every_steps = 50
     config.keep_checkpoints = 1

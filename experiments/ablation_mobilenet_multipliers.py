@@ -42,8 +42,9 @@ From the real modules (also in report.md): Table 3's 3x3 conv on 14x14x512 -> 51
 """
 
 from _cifar10 import cifar10_config  # experiments/ is on the path while a config loads
+from _mnist_study import mnist_study_config
 
-from cnnjax.config import base_config, smoke
+from cnnjax.config import smoke
 from cnnjax.sweep import sweep_config
 
 STUDY = "cnnjax.studies.mobilenet_multipliers"
@@ -73,18 +74,10 @@ def _gpu_config():
 
 
 def _cpu_config():
-    config = base_config()
+    # 14 px (MNIST halved; 14 * 6/7, 5/7, 4/7 are whole pixels); 1,200 validation digits; 200 steps
+    # of 32 with a constant schedule, so stopping early is exact.
+    config = mnist_study_config(image_size=14, val_fraction=0.02, batch_size=32, steps=200)
     config.model.name = "mobilenet_v1"
-    config.model.image_size = 14  # MNIST's 28x28 halved; 14 * 6/7, 5/7, 4/7 are whole pixels
-    config.model.in_channels = 1
-    config.data.name = "idx"
-    config.data.path = "../shared/datasets/mnist"
-    config.data.val_fraction = 0.02  # 1,200 digits: evaluating 5k costs as much as training here
-    config.batch_size = 32
-    config.num_epochs = 1
-    config.num_train_steps = 200  # 6,400 digits; the schedule is constant, so stopping early is exact
-    config.optimizer.name = "adam"
-    config.optimizer.learning_rate = 2e-3
     config.optimizer.schedule = "constant"
     config.log_every_steps = 50
     config.keep_checkpoints = 1
