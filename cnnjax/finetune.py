@@ -8,6 +8,7 @@ into a `Plan` before building the optimizer, and `merge_variables` decides, leaf
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import re
@@ -27,6 +28,7 @@ from cnnjax.train import optim
 FROZEN = "frozen"
 DEFAULT_GROUP = "default"
 BATCH_STATS_MODES = ("frozen", "all", "none")
+FROZEN_BN_MODES = ("batch", "running")
 FIRST_CONV_MODES = ("", "repeat", "mean", "new")
 
 
@@ -36,6 +38,7 @@ def finetune_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
     cfg.freeze = ()  # regexes: matching params get no gradient, no optimizer state, no update
     cfg.freeze_batch_stats = "frozen"  # running BN statistics kept: of frozen layers | all | none
+    cfg.frozen_bn = "batch"  # BN layers whose statistics are kept normalise with: batch | running
     cfg.lr_groups = ()  # ((regex, lr_scale), ...): first match scales the LR (0 = frozen); others 1
     cfg.strict = True  # init_from: every param in the checkpoint at its shape; False: others fresh
     cfg.reinit = ()  # regexes: params and BN statistics that start fresh though the checkpoint fits
@@ -112,6 +115,7 @@ class Plan:
     groups: dict  # multi_lr_optimizer's groups; {} = the plain optimizer
     frozen: Any = None  # like params: True = not trained; None when nothing is frozen
     frozen_stats: Any = None  # like batch_stats: True = statistics stay as loaded; None = none
+    running_bn: frozenset[str] = frozenset()  # BN module paths that normalise with running stats
 
     def frozen_count(self, params: Any) -> int:
         if self.frozen is None:
@@ -161,6 +165,9 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
     if cfg.freeze_batch_stats not in BATCH_STATS_MODES:
         raise ValueError(f"finetune.freeze_batch_stats must be one of {', '.join(BATCH_STATS_MODES)}, "
                          f"got {cfg.freeze_batch_stats!r}")
+    if cfg.frozen_bn not in FROZEN_BN_MODES:
+        raise ValueError(f"finetune.frozen_bn must be one of {', '.join(FROZEN_BN_MODES)}, "
+                         f"got {cfg.frozen_bn!r}")
     if cfg.first_conv not in FIRST_CONV_MODES:
         raise ValueError(f"finetune.first_conv must be repeat, mean, new or '' (a mismatch), "
                          f"got {cfg.first_conv!r}")
@@ -199,7 +206,12 @@ def make_plan(cfg: ml_collections.ConfigDict, model: nn.Module,
             raise ValueError("finetune.freeze (with lr_groups at lr_scale 0) freezes every parameter, "
                              "so nothing would train; leave the head out, e.g. \"('^(?!fc/)',)\"")
         frozen = frozen if any(flags) else None
-    return Plan(groups, frozen, _stats_mask(cfg.freeze_batch_stats, frozen, params, stats))
+    frozen_stats = _stats_mask(cfg.freeze_batch_stats, frozen, params, stats)
+    running = frozenset()
+    if cfg.frozen_bn == "running" and frozen_stats is not None:
+        running = frozenset(n.rpartition("/")[0] for n, kept in
+                            zip(leaf_names(stats), jax.tree.leaves(frozen_stats), strict=True) if kept)
+    return Plan(groups, frozen, frozen_stats, running)
 
 
 def _stats_mask(mode: str, frozen: Any, params: Any, stats: Any) -> Any:
@@ -213,6 +225,33 @@ def _stats_mask(mode: str, frozen: Any, params: Any, stats: Any) -> Any:
     mask = jax.tree_util.tree_map_with_path(
         lambda path, _: path_name(path).rpartition("/")[0] in frozen_modules, stats)
     return mask if any(jax.tree.leaves(mask)) else None
+
+
+def running_stats_bn(modules: frozenset[str]) -> contextlib.AbstractContextManager:
+    """A context in which the BatchNorm layers at `modules` ("layer1_0/bn1", ...) normalise with
+    their running statistics even under train=True, as a Keras BN layer with trainable=False or
+    torchvision's FrozenBatchNorm2d does; every other layer is untouched.
+
+    Wrap `model.apply` in it. flax's BatchNorm fixes `use_running_average` when the model builds
+    it, so the interceptor flips that one field on the bound layer for the call and lets flax's own
+    code normalise (same numerics as eval mode, no statistics update).
+    """
+    if not modules:
+        return contextlib.nullcontext()
+
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if (context.method_name != "__call__" or not isinstance(module, nn.BatchNorm)
+                or "/".join(module.path) not in modules):
+            return next_fun(*args, **kwargs)
+        train_mode = module.use_running_average
+        object.__setattr__(module, "use_running_average", True)  # bound copy, local to this apply
+        try:
+            return next_fun(*args, **kwargs)
+        finally:
+            object.__setattr__(module, "use_running_average", train_mode)
+
+    return nn.intercept_methods(intercept)
 
 
 # --- new heads ---------------------------------------------------------------------------------

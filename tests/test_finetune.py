@@ -1,6 +1,8 @@
 """Fine-tuning helpers and config.finetune: frozen parameters stay bit-identical, LR groups scale as
 configured, heads are replaced, first convolutions adapted, bad settings give one-line errors."""
 
+import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ import optax
 import pytest
 
 from cnnjax import config as config_lib
-from cnnjax import finetune
+from cnnjax import finetune, layers
 from cnnjax.models import create_model
 from cnnjax.train.optim import optimizer_config
 
@@ -167,6 +169,7 @@ def test_momentum_state_only_for_trained_params(lenet):
     ({"lr_groups": (("^c1/", -1.0),)}, "(regex, lr_scale >= 0) pairs"),
     ({"first_conv": "rgb"}, "finetune.first_conv must be"),
     ({"freeze_batch_stats": "yes"}, "finetune.freeze_batch_stats must be"),
+    ({"frozen_bn": "eval"}, "finetune.frozen_bn must be"),
     ({"head": (0,)}, "finetune.head lists hidden widths"),
 ])
 def test_bad_finetune_settings_are_one_line_errors(lenet, fields, message):
@@ -227,3 +230,86 @@ def test_strict_rejects_checkpoint_arrays_the_model_lacks():
         finetune.merge_variables(source, target, _finetune())
     merged, report = finetune.merge_variables(source, target, _finetune(strict=False))
     assert report.unused == ["params/block2/kernel"] and "block2" not in merged["params"]
+
+
+# --- frozen BatchNorm layers that normalise with their running statistics ------------------------
+
+
+class _TwoNorms(nn.Module):
+    """conv -> a_bn -> relu -> b_bn -> mean: two BN layers, so one can be frozen and one not."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.Conv(4, (3, 3), name="stem")(x)
+        x = nn.relu(layers.batch_norm(train, name="a_bn")(x))
+        x = layers.batch_norm(train, name="b_bn")(x)
+        return nn.Dense(3, name="fc")(x.mean(axis=(1, 2)))
+
+
+def _two_norms():
+    model = _TwoNorms()
+    x = jax.random.normal(jax.random.PRNGKey(0), (6, 5, 5, 2)) * 3.0 + 1.0
+    variables = model.init(jax.random.PRNGKey(1), x)
+    # Running statistics far from the batch's, so batch and running normalisation cannot agree.
+    variables["batch_stats"]["a_bn"] = {"mean": jnp.full(4, 0.5), "var": jnp.full(4, 4.0)}
+    return model, variables, x
+
+
+def test_running_bn_plan_names_the_kept_layers():
+    model = _TwoNorms()
+    plan = finetune.make_plan(_finetune(freeze=("^stem/", "^a_bn/"), frozen_bn="running"), model,
+                              (5, 5, 2))
+    assert plan.running_bn == frozenset({"a_bn"})
+    assert finetune.make_plan(_finetune(freeze=("^stem/", "^a_bn/")), model, (5, 5, 2)).running_bn \
+        == frozenset()  # the default normalises with batch statistics, as before
+    everything = finetune.make_plan(_finetune(freeze_batch_stats="all", frozen_bn="running"), model,
+                                    (5, 5, 2))
+    assert everything.running_bn == frozenset({"a_bn", "b_bn"})
+
+
+def test_running_bn_uses_running_stats_in_train_mode_for_those_layers_only():
+    model, variables, x = _two_norms()
+    stats = variables["batch_stats"]
+
+    def features(train, running=frozenset()):
+        with finetune.running_stats_bn(running):
+            out, new = model.apply(variables, x, train=train, mutable=["batch_stats", "intermediates"],
+                                   capture_intermediates=lambda mdl, _: mdl.name == "a_bn")
+        return out, new["intermediates"]["a_bn"]["__call__"][0], new["batch_stats"]
+
+    _, a_eval, _ = features(False)
+    _, a_batch, _ = features(True)
+    _, a_running, new_stats = features(True, frozenset({"a_bn"}))
+    np.testing.assert_allclose(a_running, a_eval, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(a_batch, a_eval, atol=1e-2)  # without it, train mode differs
+    chex.assert_trees_all_equal(new_stats["a_bn"], stats["a_bn"])  # no running-average update
+    assert not np.allclose(new_stats["b_bn"]["mean"], stats["b_bn"]["mean"])  # b_bn still trains
+    # b_bn still normalises with its batch: its output has zero mean per channel.
+    with finetune.running_stats_bn(frozenset({"a_bn"})):
+        _, new = model.apply(variables, x, train=True, mutable=["batch_stats", "intermediates"],
+                             capture_intermediates=lambda mdl, _: mdl.name == "b_bn")
+    b = new["intermediates"]["b_bn"]["__call__"][0]
+    np.testing.assert_allclose(b.mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
+
+
+def test_train_step_with_running_bn_matches_eval_mode():
+    from cnnjax import distributed
+    from cnnjax.train import losses
+    from cnnjax.train import state as train_state
+    from cnnjax.train import step as train_step_lib
+
+    model, variables, x = _two_norms()
+    mesh = distributed.make_mesh()
+    tx = optax.sgd(0.0)
+    state = train_state.create_train_state(model, tx, seed=1, input_shape=(5, 5, 2), mesh=mesh)
+    state = state.replace(batch_stats=variables["batch_stats"], params=variables["params"])
+    batch = {"image": x, "label": jnp.arange(6) % 3, "mask": jnp.ones(6, bool)}
+    kwargs = dict(model=model, tx=tx, schedule=optax.constant_schedule(0.0),
+                  loss_cfg=losses.loss_config(), num_classes=3)
+    _, per_example, _, _ = train_step_lib.eval_step(state, batch, model=model,
+                                                    loss_cfg=kwargs["loss_cfg"], num_classes=3)
+    everything = frozenset({"a_bn", "b_bn"})
+    _, running = train_step_lib.train_step(state, batch, running_bn=everything, **kwargs)
+    _, batch_mode = train_step_lib.train_step(state, batch, **kwargs)
+    np.testing.assert_allclose(running["loss"], per_example.mean(), rtol=1e-5)
+    assert abs(float(batch_mode["loss"]) - float(per_example.mean())) > 1e-3

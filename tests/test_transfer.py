@@ -59,10 +59,12 @@ def _check_frozen(source, saved):
             assert same == _is_frozen(name), (collection, name)
 
 
-def test_frozen_layers_and_their_statistics_stay_bit_identical(tmp_path, capsys):
+@pytest.mark.parametrize("frozen_bn", ["batch", "running"])
+def test_frozen_layers_and_their_statistics_stay_bit_identical(tmp_path, capsys, frozen_bn):
     source = _source(tmp_path / "source", "resnet20", 10, (8, 8, 3), **SMALL)
     workdir = str(tmp_path / "run")
-    config = _config("resnet20", tmp_path / "source", 2, freeze=("^stem_", "^layer1_"))
+    config = _config("resnet20", tmp_path / "source", 2, freeze=("^stem_", "^layer1_"),
+                     frozen_bn=frozen_bn)
     config.model.image_size = 8
     results = train_and_evaluate(config, workdir)
     saved = _saved(workdir, 2)
@@ -72,7 +74,11 @@ def test_frozen_layers_and_their_statistics_stay_bit_identical(tmp_path, capsys)
     # SGD momentum keeps a trace for the trained parameters only (plus its step counters).
     state_size = sum(np.size(x) for x in jax.tree.leaves(saved["opt_state"]))
     assert results["trainable_params"] <= state_size <= results["trainable_params"] + 4
-    assert "finetune: " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "finetune: " in out
+    # stem_bn and layer1_0's bn1, bn2 (SMALL has one block per stage) keep running statistics.
+    assert ("finetune: 3 BatchNorm layers normalise with their running statistics" in out) == (
+        frozen_bn == "running")
 
 
 def test_new_head_and_grayscale_first_conv_from_an_rgb_checkpoint_then_resume(tmp_path, capsys):
@@ -103,6 +109,13 @@ def test_new_head_and_grayscale_first_conv_from_an_rgb_checkpoint_then_resume(tm
     params = _saved(str(tmp_path / "run"), 2)["params"]
     assert results["steps"] == 2
     np.testing.assert_array_equal(params["c1"]["kernel"], rgb.sum(axis=2, keepdims=True))
+
+    config.finetune.freeze = ()  # other trained params: another optimizer state tree
+    config.num_train_steps = 3
+    with pytest.raises(ValueError, match="does not fit this run's train state") as error:
+        train_and_evaluate(config, str(tmp_path / "run"))
+    assert "new workdir" in str(error.value) and "\n" not in str(error.value)
+    assert ocp.CheckpointManager(os.path.join(str(tmp_path / "run"), "checkpoints")).latest_step() == 2
 
 
 def test_transfer_smoke_sweep_writes_its_report_and_skips_finished_work(tmp_path, monkeypatch, capsys):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
@@ -71,31 +70,11 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState) -
     step = manager.latest_step()
     if step is None:
         return None
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-
-
-def restore_weights(directory: str, abstract_state: TrainState) -> tuple[Any, Any]:
-    """(params, batch_stats) of the latest checkpoint under `directory`, for `init_from`.
-
-    Reads only those two entries, so the source may be another run's checkpoints/ (any optimizer)
-    or a converted torchvision/timm checkpoint (`python -m cnnjax.pretrained convert`).
-    """
-    from cnnjax.pretrained.checkpoint import restore_variables
-
-    if not os.path.isdir(directory):
-        raise ValueError(
-            f"init_from directory {directory!r} does not exist; give a run's checkpoints/ directory "
-            "or the output of `python -m cnnjax.pretrained convert`"
-        )
-    abstract = {"params": abstract_state.params, "batch_stats": abstract_state.batch_stats}
     try:
-        restored = restore_variables(directory, abstract)
-    except ValueError as error:
-        message = str(error).splitlines()[0]
-        if "holds no checkpoint" in message:
-            raise
+        return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except ValueError as error:  # orbax explains a tree mismatch over many lines; keep its first
+        first = str(error).strip().splitlines()[0].rstrip(":")
         raise ValueError(
-            f"init_from checkpoint does not fit this model ({message}); "
-            "use the same model and num_classes"
-        ) from None
-    return restored["params"], restored["batch_stats"]
+            f"the checkpoint at step {step} in {manager.directory} does not fit this run's train "
+            f"state ({first}); a resumed run keeps its model, optimizer and finetune.freeze / "
+            "lr_groups, so train with other settings in a new workdir") from None

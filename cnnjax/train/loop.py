@@ -156,6 +156,7 @@ class RunSetup:
             accumulate_steps=int(config.optimizer.accumulate_steps),
             frozen=self.plan.frozen,
             frozen_stats=self.plan.frozen_stats,
+            running_bn=self.plan.running_bn,
         )
         if config.best_metric not in checkpoint.BEST_METRICS:
             raise ValueError(
@@ -279,6 +280,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if frozen:
             print(f"finetune: {frozen:,} frozen params (finetune.freeze / lr_groups at 0), "
                   f"{count_params(state.params) - frozen:,} trained")
+        if run.plan.running_bn:
+            print(f"finetune: {len(run.plan.running_bn)} BatchNorm layers normalise with their "
+                  f"running statistics (finetune.frozen_bn=running)")
         if step:
             print(f"resumed from the checkpoint at step {step}")
     try:

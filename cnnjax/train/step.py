@@ -34,11 +34,13 @@ def train_step(
     accumulate_steps: int = 1,
     frozen: Any = None,
     frozen_stats: Any = None,
+    running_bn: frozenset[str] = frozenset(),
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimisation step on one global batch; returns the new state and scalar metrics.
 
     `frozen` / `frozen_stats` (trees of Python bools, finetune.Plan) name the parameters that do not
-    train and the batch statistics that stay; both come back bit-identical.
+    train and the batch statistics that stay; both come back bit-identical. The BatchNorm layers
+    named in `running_bn` normalise with their running statistics (finetune.frozen_bn="running").
     """
     dropout_rng = jax.random.fold_in(state.rng, state.step)
 
@@ -46,13 +48,14 @@ def train_step(
         if frozen is not None:  # no gradient: XLA can skip the frozen layers' backward pass
             params = finetune.stop_frozen_gradients(params, frozen)
         variables = {"params": params, "batch_stats": state.batch_stats}
-        logits, new_vars = model.apply(
-            variables,
-            batch["image"],
-            train=True,
-            rngs={"dropout": dropout_rng},
-            mutable=["batch_stats", "intermediates"],
-        )
+        with finetune.running_stats_bn(running_bn):
+            logits, new_vars = model.apply(
+                variables,
+                batch["image"],
+                train=True,
+                rngs={"dropout": dropout_rng},
+                mutable=["batch_stats", "intermediates"],
+            )
         logits = logits.astype(jnp.float32)
         loss = losses.compute_loss(
             loss_cfg, logits, batch["label"], num_classes, batch.get("target")
