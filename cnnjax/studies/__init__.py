@@ -121,3 +121,15 @@ def final_training(records: Sequence[dict]) -> dict[str, float]:
     last = records[-1]["epoch"]
     tail = [r for r in records if r["epoch"] > last - 1]
     return {key: float(np.mean([r[key] for r in tail])) for key in ("loss", "accuracy")}
+
+
+def figure(width: float, height: float, panels: int = 1) -> tuple[Any, Any]:
+    """A matplotlib Figure of `panels` side by side and its axes (one Axes, or an array of them).
+
+    Built without pyplot: no global backend switch, nothing registered that needs closing, so a
+    report can draw from any process (a notebook keeps its own backend). Layout is tight on save.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="tight")
+    return fig, fig.subplots(1, panels)

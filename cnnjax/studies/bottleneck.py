@@ -25,6 +25,7 @@ from cnnjax import bench, models
 from cnnjax.layers import Conv, batch_norm
 from cnnjax.models import ablation, resnet
 from cnnjax.profile import init_shapes, profile_module
+from cnnjax.studies import figure
 from cnnjax.sweep import costs, space, stats
 from cnnjax.sweep.report import markdown_table
 
@@ -322,22 +323,13 @@ def _bars(ax: Any, groups: Sequence[Sequence[tuple[str, float | None, float | No
 
 
 def _save(fig: Any, axes: Sequence[Any], out_png: str) -> None:
-    import matplotlib.pyplot as plt
-
     if axes[0].get_legend_handles_labels()[0]:  # nothing to label when no pair ran
         axes[0].legend(fontsize=7)
-    fig.tight_layout()
     fig.savefig(out_png, dpi=110)
-    plt.close(fig)
 
 
 def _figure(panels: int) -> tuple[Any, Sequence[Any]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(1, panels, figsize=(3.8 * panels, 4.0))
+    return figure(3.8 * panels, 4.0, panels)
 
 
 def plot_units(rows: Sequence[dict], pairs: Sequence[Pair], out_png: str) -> None:

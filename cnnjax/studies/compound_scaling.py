@@ -28,7 +28,7 @@ from cnnjax.models.efficientnet import (
     round_filters,
     scaled_stages,
 )
-from cnnjax.studies import rows_by_variant
+from cnnjax.studies import figure, rows_by_variant
 from cnnjax.sweep.space import variant_name as dir_name
 
 RULES = ("depth", "width", "resolution", "compound")
@@ -285,14 +285,9 @@ def _accurate(rows: list[dict]) -> list[dict]:
 def plot_scaling(rows: list[dict], out_png: str) -> None:
     """Left: test accuracy against measured FLOPs, one line per rule from the baseline, log2 axis.
     Right: the (alpha, beta, gamma) grid at phi = 1, accuracy against measured FLOPs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = _accurate(rows)
     base = [r for r in rows if r["rule"] == "baseline"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, right) = figure(12, 4.5, panels=2)
     for rule, marker in zip(RULES, "osD^", strict=True):
         points = sorted((2 * r["macs"], r["accuracy"]) for r in base + [
             r for r in rows if r["rule"] == rule])
@@ -313,9 +308,7 @@ def plot_scaling(rows: list[dict], out_png: str) -> None:
     left.set_title("scaling rules at 2x, 4x, 8x the baseline FLOPs")
     right.set_title("(alpha, beta, gamma) with alpha*beta^2*gamma^2 ~ 2, phi = 1")
     left.legend(fontsize=8)
-    fig.tight_layout()
     fig.savefig(out_png, dpi=110)
-    plt.close(fig)
 
 
 def _grid(rows: list[dict]) -> tuple[list[str], list[dict]]:

@@ -22,7 +22,7 @@ import ml_collections
 
 from cnnjax import models
 from cnnjax.models.densenet import DenseLayer, DenseNet, Transition
-from cnnjax.studies import rows_by_variant
+from cnnjax.studies import figure, rows_by_variant
 from cnnjax.sweep import space
 from cnnjax.sweep.report import markdown_table
 
@@ -176,13 +176,10 @@ def reading(entries: Sequence[dict]) -> str:
 
 def plot_accuracy(entries: Sequence[dict], out_png: str) -> None:
     """Test accuracy against parameters, one point per k with its 95% interval."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     done = [e for e in entries if _finite(e["accuracy"]) and e["params"]]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = figure(5.5, 4)
     params = [e["params"] for e in done]
     accuracy = [e["accuracy"] for e in done]
     errors = [e["accuracy_ci95"] if _finite(e["accuracy_ci95"]) else 0.0 for e in done]
@@ -192,24 +189,17 @@ def plot_accuracy(entries: Sequence[dict], out_png: str) -> None:
                     textcoords="offset points", xytext=(4, -10))
     if len(set(params)) > 1:
         ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # crowded minor labels
+        ax.xaxis.set_minor_formatter(NullFormatter())  # crowded minor labels
     ax.set_xlabel("parameters")
     ax.set_ylabel("test accuracy")
     ax.set_title("DenseNet-BC: accuracy against parameters per growth rate k", fontsize=9)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     fig.savefig(out_png, dpi=110)
-    plt.close(fig)
 
 
 def plot_channels(entries: Sequence[dict], out_png: str) -> None:
     """Channels after the stem and after every dense layer and transition, one line per k."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = figure(6.5, 4)
     for e in entries:
         widths = [e["layers"][0]["in"]] + [layer["out"] for layer in e["layers"]]
         ax.plot(range(len(widths)), widths, "-", marker=".", label=f"k={e['growth_rate']}")
@@ -219,9 +209,7 @@ def plot_channels(entries: Sequence[dict], out_png: str) -> None:
                  fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     fig.savefig(out_png, dpi=110)
-    plt.close(fig)
 
 
 def report(*, workdir: str, config: ml_collections.ConfigDict, summary: Mapping,

@@ -24,7 +24,7 @@ from cnnjax import models
 from cnnjax.layers import Conv, batch_norm
 from cnnjax.models.mobilenet import MOBILENET_V1_BLOCKS, DepthwiseSeparableConv, MobileNetV1
 from cnnjax.profile import profile_module
-from cnnjax.studies import rows_by_variant
+from cnnjax.studies import figure, rows_by_variant
 from cnnjax.sweep import space
 from cnnjax.sweep.report import markdown_table
 
@@ -253,12 +253,7 @@ def reading(rows: Sequence[dict], pointwise_share: float) -> str:
 
 def plot_costs(imagenet: Sequence[dict], trained: Sequence[dict], out_png: str) -> None:
     """Measured MACs ratio against alpha^2 rho^2, at ImageNet scale and at the trained sizes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    fig, ax = figure(5.5, 4.5)
     series = (("224 px ImageNet (traced)", "o", (5, -8), [(r["alpha^2 rho^2"], r["MACs / alpha=1,224"], r)
                                                           for r in imagenet]),
               ("trained variants", "s", (-10, 6), [(r["predicted (alpha rho / ref)^2"], r["MACs / ref"], r)
@@ -275,20 +270,15 @@ def plot_costs(imagenet: Sequence[dict], trained: Sequence[dict], out_png: str) 
     ax.set_ylabel("measured MACs ratio")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     fig.savefig(out_png, dpi=110)
-    plt.close(fig)
 
 
 def plot_accuracy(rows: Sequence[dict], out_png: str) -> None:
     """Test accuracy against MACs: the width sweep and the resolution sweep as two lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     done = [r for r in rows if _finite(r["accuracy"]) and r["macs"]]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = figure(5.5, 4)
     if done:
         width, resolution = _sweep_lines(done)
         for label, line in (("width alpha", width), ("resolution rho", resolution)):
@@ -298,14 +288,12 @@ def plot_accuracy(rows: Sequence[dict], out_png: str) -> None:
         for r in done:
             ax.annotate(f"a={r['alpha']:g},{r['input']}px", (r["macs"], r["accuracy"]), fontsize=7)
         ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # crowded minor labels
+        ax.xaxis.set_minor_formatter(NullFormatter())  # crowded minor labels
     ax.set_xlabel("MACs per example")
     ax.set_ylabel("test accuracy")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     fig.savefig(out_png, dpi=110)
-    plt.close(fig)
 
 
 def _trained_table(rows: Sequence[dict]) -> list[dict]:
