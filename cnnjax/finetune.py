@@ -431,7 +431,8 @@ def multi_lr_optimizer(cfg: Any, groups: Mapping[str, Mapping[str, Any]], *, ste
     ("^stem_",), "lr_scale": 0.0}, ...}; lr_scale multiplies cfg.learning_rate (and so the whole
     schedule); 0 freezes the group: optax.set_to_zero, so it gets no optimizer state and no update.
     Unmatched leaves form the 'default' group at lr_scale 1. Gradient clipping is over all groups
-    together and gradient accumulation wraps the whole, as in optim.make_optimizer.
+    together and gradient accumulation wraps them, as in optim.make_optimizer; both sit beside the
+    frozen group, so accumulation keeps no gradient buffer for frozen parameters either.
     """
     optim.check_optimizer(cfg)
     if DEFAULT_GROUP in groups or FROZEN in groups:
@@ -440,7 +441,7 @@ def multi_lr_optimizer(cfg: Any, groups: Mapping[str, Mapping[str, Any]], *, ste
         if "patterns" not in spec or float(spec.get("lr_scale", 1.0)) < 0:
             raise ValueError(f"lr group {name!r} needs 'patterns' (regexes) and lr_scale >= 0, "
                              f"got {dict(spec)}.")
-    transforms, schedule = {FROZEN: optax.set_to_zero()}, None
+    transforms, schedule = {}, None
     scales = {DEFAULT_GROUP: 1.0, **{n: float(s.get("lr_scale", 1.0)) for n, s in groups.items()}}
     for name, scale in scales.items():
         if scale == 0.0:
@@ -453,11 +454,19 @@ def multi_lr_optimizer(cfg: Any, groups: Mapping[str, Mapping[str, Any]], *, ste
             group_cfg, steps_per_epoch=steps_per_epoch / cfg.accumulate_steps,
             num_epochs=num_epochs)
         schedule = group_schedule if name == DEFAULT_GROUP else schedule
-    tx = optax.multi_transform(transforms, lambda params: param_labels(params, groups))
-    if cfg.grad_clip_norm > 0:
-        tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
+    # The trained groups see a tree with the frozen leaves masked out (optax.MaskedNode).
+    trained = optax.multi_transform(transforms, lambda params: param_labels(params, groups))
+    if cfg.grad_clip_norm > 0:  # frozen gradients are zero: the norm over trained ones is the same
+        trained = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), trained)
     if cfg.accumulate_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=cfg.accumulate_steps).gradient_transformation()
+        trained = optax.MultiSteps(trained, every_k_schedule=cfg.accumulate_steps
+                                   ).gradient_transformation()
+
+    def frozen_or_trained(params):
+        return jax.tree.map(lambda label: FROZEN if label == FROZEN else "trained",
+                            param_labels(params, groups))
+
+    tx = optax.multi_transform({FROZEN: optax.set_to_zero(), "trained": trained}, frozen_or_trained)
     return tx, schedule
 
 

@@ -150,13 +150,39 @@ def test_lr_groups_from_the_config_give_the_update_ratio(lenet):
     assert plan.frozen_count(params) == params["c3"]["kernel"].size + params["c3"]["bias"].size
 
 
-def test_momentum_state_only_for_trained_params(lenet):
+@pytest.mark.parametrize("accumulate_steps", [1, 3])
+def test_momentum_state_only_for_trained_params(lenet, accumulate_steps):
     model, params, _, _ = lenet
     plan = finetune.make_plan(_finetune(freeze=("^c[135]/",)), model, (32, 32, 1))
-    tx, _ = finetune.make_optimizer(optimizer_config(), plan, steps_per_epoch=10, num_epochs=1)
+    cfg = optimizer_config()
+    cfg.accumulate_steps = accumulate_steps
+    tx, _ = finetune.make_optimizer(cfg, plan, steps_per_epoch=10, num_epochs=1)
     state_size = sum(np.size(s) for s in jax.tree.leaves(tx.init(params)))
     trained = sum(np.size(p) for p in jax.tree.leaves(params)) - plan.frozen_count(params)
-    assert trained < state_size <= trained + 4  # SGD momentum's trace, plus step counters
+    # SGD momentum's trace (and with accumulation its gradient buffer), plus step counters.
+    buffers = 1 if accumulate_steps == 1 else 2
+    assert buffers * trained < state_size <= buffers * trained + 8
+
+
+def test_accumulated_groups_update_like_one_step_on_the_mean_gradient(lenet):
+    _, params, _, _ = lenet
+    groups = {"freeze": {"patterns": ("^c1/",), "lr_scale": 0.0},
+              "head": {"patterns": ("^output/",), "lr_scale": 10.0}}
+    cfg = optimizer_config()
+    cfg.grad_clip_norm = 1.0
+    one, _ = finetune.multi_lr_optimizer(cfg, groups, steps_per_epoch=10, num_epochs=1)
+    cfg.accumulate_steps = 2
+    two, _ = finetune.multi_lr_optimizer(cfg, groups, steps_per_epoch=20, num_epochs=1)
+    g1 = jax.tree.map(lambda p: jnp.full_like(p, 0.03), params)
+    g2 = jax.tree.map(lambda p: jnp.full_like(p, -0.01), params)
+    mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
+    expected, _ = one.update(mean, one.init(params), params)
+    state = two.init(params)
+    skipped, state = two.update(g1, state, params)
+    chex.assert_trees_all_equal(skipped, jax.tree.map(jnp.zeros_like, params))  # still accumulating
+    updates, _ = two.update(g2, state, params)
+    chex.assert_trees_all_close(updates, expected, rtol=1e-6)
+    assert not np.any(updates["c1"]["kernel"]) and np.any(updates["output"]["kernel"])
 
 
 @pytest.mark.parametrize("fields, message", [
