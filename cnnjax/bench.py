@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax import distributed, models, profile
+from cnnjax import distributed, models, profile, xla_options
 from cnnjax.train import losses, optim
 from cnnjax.train import state as train_state
 from cnnjax.train import step as train_step_lib
@@ -81,11 +81,12 @@ def build(name: str, *, batch_size: int, image_size: int, precision: str, mesh) 
     tx, schedule = optim.make_optimizer(opt_cfg, steps_per_epoch=100, num_epochs=1)
     input_shape = (image_size, image_size, spec.in_channels)
     state = train_state.create_train_state(model, tx, seed=0, input_shape=input_shape, mesh=mesh)
+    options = xla_options.step_options(mesh, train_state.count_params(state.params))
     train, evaluate = train_step_lib.compile_steps(
-        mesh, model=model, tx=tx, schedule=schedule, loss_cfg=losses.loss_config(),
-        num_classes=spec.num_classes)
+        mesh, compiler_options=options, model=model, tx=tx, schedule=schedule,
+        loss_cfg=losses.loss_config(), num_classes=spec.num_classes)
     return dict(spec=spec, model=model, state=state, train=train, evaluate=evaluate,
-                input_shape=input_shape)
+                input_shape=input_shape, compiler_options=options)
 
 
 def compile_seconds(fn, *args) -> tuple[float, float, Any]:
@@ -158,6 +159,7 @@ def run_benchmark(
         "model": name, "batch_size": batch_size, "image_size": size, "precision": precision,
         "device": f"{device.platform}:{device.device_kind}", "num_devices": mesh.size,
         "jax": jax.__version__, "params": train_state.count_params(state.params),
+        "xla_compiler_options": parts["compiler_options"],
     }
     lower_s, compile_s, train_compiled = compile_seconds(parts["train"], state, batch)
     result |= {"trace_seconds": lower_s, "compile_seconds": compile_s}
@@ -230,7 +232,8 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [f"{r['model']} @ {r['image_size']}px, batch {r['batch_size']}, {r['precision']}, "
              f"{r['device']} x{r['num_devices']}, {r['params']:,} params",
              f"  compile: trace {r['trace_seconds']:.2f} s + XLA {r['compile_seconds']:.2f} s "
-             f"(eval step {r['eval_compile_seconds']:.2f} s)"]
+             f"(eval step {r['eval_compile_seconds']:.2f} s), XLA options "
+             f"{r.get('xla_compiler_options') or 'default'}"]
     if "train_images_per_second" in r:
         lines += [
             f"  train: {r['train_images_per_second']:,.1f} images/s, step "

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from cnnjax import config as config_lib
-from cnnjax import distributed, finetune
+from cnnjax import distributed, finetune, xla_options
 from cnnjax.data import build_pipeline
 from cnnjax.models import get_spec
 from cnnjax.train import checkpoint, metrics, report
@@ -147,6 +147,8 @@ class RunSetup:
         )
         self.train_fn, self.eval_fn = compile_steps(
             self.mesh,
+            compiler_options=xla_options.step_options(
+                self.mesh, count_params(self.abstract_state.params)),
             model=self.model,
             tx=self.tx,
             schedule=self.schedule,

@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cnnjax import config as config_lib
-from cnnjax import distributed
+from cnnjax import distributed, xla_options
 from cnnjax.data import load_dataset, preprocess, transforms
 from cnnjax.data.config import augment_from_config
 from cnnjax.data.pipeline import TrainOrder
@@ -93,6 +93,7 @@ class Members:
         self.learning_rates = None if learning_rates is None else [float(r) for r in learning_rates]
         self.k = len(seeds)
         mesh = run.mesh
+        self.options = xla_options.step_options(mesh, count_params(run.abstract_state.params))
         self.replicated = distributed.replicated(mesh)
         # Members spread over the devices when they divide evenly; else every device holds all.
         self.member = NamedSharding(mesh, P("data")) if self.k % mesh.size == 0 else self.replicated
@@ -108,7 +109,7 @@ class Members:
                                        num_classes=run.num_classes, use_ema=run.use_ema),
                      in_axes=(0, None)),
             in_shardings=(self.member, distributed.batch_sharded(mesh)),
-            out_shardings=self.replicated)
+            out_shardings=self.replicated, compiler_options=self.options)
 
     def _device_train_split(self) -> tuple[jax.Array, jax.Array]:
         """The raw uint8 training images and labels, replicated on every device."""
@@ -156,7 +157,7 @@ class Members:
 
         m, r = self.member, self.replicated
         return jax.jit(many, in_shardings=(m, r, r, m, m, m), out_shardings=(m, m),
-                       donate_argnums=0)
+                       donate_argnums=0, compiler_options=self.options)
 
     # --- state and per-step inputs ---------------------------------------------------------------
 

@@ -114,10 +114,12 @@ def eval_step(
     return jax.nn.softmax(logits, axis=-1), per_example, batch["label"], batch["mask"]
 
 
-def compile_steps(mesh: Mesh, **kwargs: Any) -> tuple[Callable, Callable]:
+def compile_steps(mesh: Mesh, *, compiler_options: dict[str, str] | None = None,
+                  **kwargs: Any) -> tuple[Callable, Callable]:
     """Jitted (train_step, eval_step): state replicated, batch split over "data", state donated.
 
     kwargs are train_step's keyword arguments; eval_step takes the ones it needs.
+    compiler_options: XLA options for both, e.g. `cnnjax.xla_options.step_options(...)`.
     """
     replicated = distributed.replicated(mesh)
     batch = distributed.batch_sharded(mesh)
@@ -126,6 +128,7 @@ def compile_steps(mesh: Mesh, **kwargs: Any) -> tuple[Callable, Callable]:
         in_shardings=(replicated, batch),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
+        compiler_options=compiler_options,
     )
     eval_kwargs = {k: kwargs[k] for k in ("model", "loss_cfg", "num_classes")}
     use_ema = kwargs.get("ema_decay", 0.0) > 0
@@ -134,5 +137,6 @@ def compile_steps(mesh: Mesh, **kwargs: Any) -> tuple[Callable, Callable]:
         functools.partial(eval_step, use_ema=use_ema, **eval_kwargs),
         in_shardings=(replicated, batch),
         out_shardings=replicated,
+        compiler_options=compiler_options,
     )
     return train, evaluate

@@ -1,0 +1,47 @@
+"""XLA compiler options for cnnjax's jitted train and eval steps, chosen per platform by measurement.
+
+On CPU, XLA 0.10 routes convolutions and the elementwise work around them into YNNPACK fusions.
+For small networks, the ones people train on a CPU, XLA's own kernels are faster: without the
+fusions lenet5 (62k parameters) trains 1.56x faster and resnet20 (0.27M) 1.34x faster. For larger
+networks the result goes both ways: mobilenet_v2 1.11x, efficientnet_b0 1.02x, resnet18 0.97x,
+densenet121 0.98x, googlenet 0.88x, vgg16 0.81x (benchmarks/RESULTS.md, 2-core CPU, 2026-11-22).
+So the fusions go off on CPU for models under SMALL_MODEL_PARAMS parameters only. The options go
+to `jax.jit(compiler_options=...)`: they apply to cnnjax's own steps, whatever the process
+imported first, and they never touch XLA_FLAGS.
+
+Opt out with CNNJAX_XLA_OPTIONS=off, or set the same flag in XLA_FLAGS yourself (yours wins).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # "" = no YNNPACK fusions
+SMALL_MODEL_PARAMS = 1_000_000  # measured boundary: see the module docstring
+
+
+@functools.cache
+def _known(name: str, value: str) -> bool:
+    """Whether this jaxlib accepts the option (a renamed or retired one is skipped, not fatal)."""
+    try:
+        jax.jit(jnp.negative, compiler_options={name: value}).lower(jnp.zeros(1)).compile()
+    except Exception:  # jaxlib raises JaxRuntimeError "No such compile option"
+        return False
+    return True
+
+
+def step_options(mesh: Mesh, num_params: int) -> dict[str, str]:
+    """The compiler options for the steps of a model with `num_params` parameters on `mesh`:
+    CPU_OPTIONS for a small model on CPU, else none."""
+    if os.environ.get("CNNJAX_XLA_OPTIONS", "").lower() in ("off", "0", "false"):
+        return {}
+    if mesh.devices.flat[0].platform != "cpu" or num_params >= SMALL_MODEL_PARAMS:
+        return {}
+    user_flags = os.environ.get("XLA_FLAGS", "")
+    return {name: value for name, value in CPU_OPTIONS.items()
+            if f"--{name}" not in user_flags and _known(name, value)}
