@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax import distributed, models, profile, xla_options
+from cnnjax import distributed, models, profile, trace_ops, xla_options
 from cnnjax.train import losses, optim
 from cnnjax.train import state as train_state
 from cnnjax.train import step as train_step_lib
@@ -140,6 +140,7 @@ def run_benchmark(
     data: str = "",
     data_path: str = "",
     compile_only: bool = False,
+    profile_ops: bool = False,
 ) -> dict[str, Any]:
     """Every measurement of one model as a flat JSON-ready dict (see README "Benchmarks")."""
     if precision not in PRECISIONS:
@@ -185,6 +186,8 @@ def run_benchmark(
     result |= {"forward_flops_per_image": flops, "peak_flops": peak, "peak_measured_by": peak_how,
                "mfu": 3 * flops * train["images_per_second"] / peak}
     result |= memory_report(train_compiled)
+    if profile_ops:
+        result["op_profile"] = trace_ops.op_times(train_once, steps)
     if data:
         result |= _time_with_pipeline(parts, holder, data, data_path, size, spec.in_channels,
                                       batch_size, steps, repeats, mesh)
@@ -255,6 +258,8 @@ def format_report(r: dict[str, Any]) -> str:
                          f"eval {r[f'torch_{mode}_eval_images_per_second']:,.1f} images/s")
         elif f"torch_{mode}_error" in r:
             lines.append(f"  torch {mode}: failed ({r[f'torch_{mode}_error']})")
+    if "op_profile" in r:
+        lines += trace_ops.format_op_times(r["op_profile"])
     if "ratio_vs_torch" in r:
         lines.append(f"  cnnjax / best torch train throughput: {r['ratio_vs_torch']:.2f}x")
     elif "torch_skipped" in r:
@@ -279,6 +284,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--torch-modes", default="eager,compile",
                         help="comma list of eager, compile (torch.compile)")
     parser.add_argument("--compile-only", action="store_true", help="measure compile time only")
+    parser.add_argument("--profile", action="store_true",
+                        help="also trace --steps train steps with jax.profiler: time per op kind")
     parser.add_argument("--compile-cache", default="",
                         help="persistent compilation cache dir (default: off, so compile is cold)")
     return parser.parse_args(argv)
@@ -294,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_benchmark(
             args.model, batch_size=args.batch_size, image_size=args.image_size,
             precision=args.precision, steps=args.steps, repeats=args.repeats, data=args.data,
-            data_path=args.data_path, compile_only=args.compile_only)
+            data_path=args.data_path, compile_only=args.compile_only, profile_ops=args.profile)
         if args.compare_torch and not args.compile_only:
             modes = tuple(m for m in args.torch_modes.split(",") if m)
             try:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from cnnjax import bench, compile_cache, profile
+from cnnjax import bench, compile_cache, profile, trace_ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import run as bench_suite  # noqa: E402  (benchmarks/run.py is a script, not a package)
@@ -23,7 +23,7 @@ KEYS = {
     "model", "batch_size", "image_size", "precision", "device", "params", "trace_seconds",
     "compile_seconds", "eval_compile_seconds", "train_images_per_second", "train_step_seconds",
     "eval_images_per_second", "eval_step_seconds", "forward_flops_per_image", "peak_flops", "mfu",
-    "peak_memory_bytes", "train_step_static_bytes",
+    "peak_memory_bytes", "train_step_static_bytes", "xla_compiler_options", "op_profile",
 }
 
 
@@ -32,7 +32,7 @@ def lenet_json():
     """One tiny end-to-end run of the CLI (one train and one eval compile for the whole module)."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = bench.main(["lenet5", "--json", *TINY])
+        code = bench.main(["lenet5", "--json", "--profile", *TINY])
     assert code == 0
     return json.loads(out.getvalue())
 
@@ -45,6 +45,27 @@ def test_cli_prints_every_key(lenet_json):
     assert lenet_json["train_images_per_second"] > 0 and 0 < lenet_json["mfu"]
     # forward FLOPs are the profiler's: 2 x 416,520 MACs of LeNet-5
     assert lenet_json["forward_flops_per_image"] == 2 * 416_520
+
+
+def test_profile_attributes_the_step_to_ops(lenet_json):
+    profile = lenet_json["op_profile"]
+    assert profile["wall_ms_per_step"] > 0
+    assert profile["categories"]["convolution"] > 0  # LeNet's convolutions are ops of the step
+    assert all(not kind.startswith("$") and "::" not in kind for kind in profile["ops"])
+    assert "op profile:" in bench.format_report(lenet_json)
+
+
+def test_parse_trace_groups_op_kinds_per_step():
+    events = [{"ph": "X", "name": "transpose_copy_fusion.3", "dur": 4000},
+              {"ph": "X", "name": "transpose_copy_fusion.12", "dur": 2000},
+              {"ph": "X", "name": "convolution.1", "dur": 1000},
+              {"ph": "X", "name": "wrapped_reduce-window.7", "dur": 500},
+              {"ph": "X", "name": "$api.py:2479 block_until_ready", "dur": 9000},
+              {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 9000},
+              {"ph": "M", "name": "thread_name"}]
+    profile = trace_ops.parse_trace(events, steps=2)
+    assert profile["ops"]["transpose_copy_fusion"] == (3.0, 1.0)  # ms and calls per step
+    assert profile["categories"] == {"transpose": 3.0, "convolution": 0.5, "reduction": 0.25}
 
 
 def test_report_formats_without_torch(lenet_json):
@@ -128,11 +149,15 @@ def test_suite_renders_markdown_with_provenance():
     row = {"model": "lenet5", "image_size": 32, "batch_size": 8, "precision": "fp32",
            "compile_seconds": 1.0, "trace_seconds": 0.1, "train_images_per_second": 10.0,
            "eval_images_per_second": 20.0, "train_step_seconds": 0.8, "mfu": 0.01,
-           "peak_memory_bytes": "n/a", "train_step_static_bytes": 1000}
+           "peak_memory_bytes": "n/a", "train_step_static_bytes": 1000,
+           "xla_compiler_options": {"xla_cpu_experimental_ynn_fusion_type": ""}}
     runs = [{"name": "lenet5@32", "command": "python -m cnnjax.bench lenet5", "result": row},
+            {"name": "resnet18@32", "result": {**row, "model": "resnet18", "xla_compiler_options": {}}},
             {"name": "vgg16@224", "skipped": "needs GPU session"}]
     text = bench_suite.render(runs, sweeps=[], compiles=[], meta={"device": "cpu", "date": "d",
                                                                   "versions": "jax x",
                                                                   "command": "python run.py"})
     assert "| lenet5 | 32 | 8 |" in text and "needs GPU session" in text
     assert "python run.py" in text and "jax x" in text
+    assert ("(cnnjax/xla_options.py): lenet5: xla_cpu_experimental_ynn_fusion_type=''; "
+            "resnet18: XLA's default") in text

@@ -1,0 +1,95 @@
+"""Where a compiled step spends its time: per-op times from a `jax.profiler` trace.
+
+`op_times(run_once, steps)` traces `steps` calls of a jitted step, reads the Perfetto JSON that
+jax.profiler writes, and adds up the duration of every XLA op event. The result is time per step,
+grouped by op kind ("transpose_copy_fusion.30" counts as "transpose_copy_fusion") and by category
+(convolution, transpose, reduction, other fusions and ops). Host frames (Python, dispatch,
+runtime waits) are left out. The step's wall time comes with the result, so the two can be compared.
+
+On XLA:CPU each op event covers the op's run on one of the intra-op threads, so the op times add up
+thread time and can exceed the wall time. Large Eigen convolutions (YNN fusions off) are the
+exception: they run split over the thread pool, their event covers little more than the dispatch,
+and their work is the part of the wall time that no event explains.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+CATEGORIES = (("convolution", ("conv", "ynn_fusion")), ("transpose", ("transpose",)),
+              ("reduction", ("reduce",)))
+
+
+def _category(kind: str) -> str:
+    for name, markers in CATEGORIES:
+        if any(m in kind for m in markers):
+            return name
+    return "other fusions and ops"
+
+
+RUNTIME_EVENTS = frozenset({"ParseArguments"})
+
+
+def _is_op(name: str) -> bool:
+    """An XLA op event, not a Python frame ("$..."), a runtime call ("A::B") or a jit wrapper."""
+    return not (name.startswith("$") or "::" in name or "(" in name or " " in name
+                or name in RUNTIME_EVENTS)
+
+
+def parse_trace(events: list[dict], steps: int) -> dict[str, Any]:
+    """{"ops": {kind: (ms per step, calls per step)}, "categories": {name: ms per step}}."""
+    ms = collections.Counter()
+    calls = collections.Counter()
+    for event in events:
+        if event.get("ph") != "X" or not _is_op(event.get("name", "")):
+            continue
+        kind = re.sub(r"[.\d]+$", "", event["name"]) or event["name"]
+        ms[kind] += event.get("dur", 0) / 1e3 / steps
+        calls[kind] += 1
+    categories = collections.Counter()
+    for kind, value in ms.items():
+        categories[_category(kind)] += value
+    return {"ops": {kind: (value, calls[kind] / steps) for kind, value in ms.most_common()},
+            "categories": dict(categories.most_common())}
+
+
+def op_times(run_once: Callable[[], Any], steps: int = 5) -> dict[str, Any]:
+    """parse_trace of `steps` traced calls of `run_once` (already compiled and warmed up), plus
+    "wall_ms_per_step"."""
+    with tempfile.TemporaryDirectory() as directory:
+        with jax.profiler.trace(directory, create_perfetto_trace=True):
+            start = time.perf_counter()
+            for _ in range(steps):
+                jax.block_until_ready(run_once())
+            wall = (time.perf_counter() - start) / steps
+        paths = glob.glob(os.path.join(directory, "**", "*.trace.json.gz"), recursive=True)
+        if not paths:
+            raise RuntimeError("jax.profiler wrote no Perfetto trace; is the profiler plugin installed?")
+        with gzip.open(paths[0]) as f:
+            trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    return {"wall_ms_per_step": 1e3 * wall, **parse_trace(events, steps)}
+
+
+def format_op_times(profile: dict[str, Any], top: int = 15) -> list[str]:
+    """Report lines: wall time, the categories, then the `top` op kinds by time."""
+    total = sum(profile["categories"].values()) or 1.0
+    lines = [f"  op profile: {profile['wall_ms_per_step']:.1f} ms wall per step (traced); "
+             f"op time {total:.1f} ms per step, by category:"]
+    lines += [f"    {name:24s} {value:9.1f} ms  {100 * value / total:5.1f}%"
+              for name, value in profile["categories"].items()]
+    lines.append(f"  top {top} op kinds (ms per step, calls per step):")
+    lines += [f"    {kind:40s} {value:9.2f} ms  x{count:g}"
+              for kind, (value, count) in list(profile["ops"].items())[:top]]
+    return lines
