@@ -139,6 +139,18 @@ def _suite_rows(runs: list[dict]) -> list[str]:
     return lines
 
 
+def _options_line(runs: list[dict]) -> str:
+    """Which XLA compiler options each measured model's steps used (cnnjax/xla_options.py)."""
+    by_options: dict[str, list[str]] = {}
+    for run in runs:
+        if "result" in run:
+            options = run["result"].get("xla_compiler_options") or {}
+            shown = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "XLA's default"
+            by_options.setdefault(shown, []).append(run["name"].split("@")[0])
+    parts = [f"{', '.join(models)}: {shown}" for shown, models in by_options.items()]
+    return "XLA compiler options of the train/eval steps (cnnjax/xla_options.py): " + "; ".join(parts)
+
+
 def render(runs: list[dict], sweeps: list[dict], compiles: list[dict], meta: dict) -> str:
     """The generated part of RESULTS.md: provenance, suite table, batch sweeps, deep-net compile times."""
     lines = ["# Benchmark results", "",
@@ -146,7 +158,7 @@ def render(runs: list[dict], sweeps: list[dict], compiles: list[dict], meta: dic
              f"- versions: {meta['versions']}", f"- command: `{meta['command']}`",
              "- per-entry commands are listed under each table; train/eval images/s are medians of "
              "the repeats, after warm-up, device-synchronised", "", "## Suite", "",
-             *_suite_rows(runs), ""]
+             *_suite_rows(runs), "", _options_line(runs), ""]
     if sweeps:
         lines += ["## Images/s against batch size", "", "| model | batch | train img/s | step ms |",
                   "|---|---:|---:|---:|"]
@@ -205,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per entry")
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
     parser.add_argument("--xla-flags", default="",
-                        help="extra XLA_FLAGS for every entry, e.g. "
-                             "--xla_cpu_experimental_ynn_fusion_type= (faster training on CPU)")
+                        help="extra XLA_FLAGS for every entry (a flag set here overrides the "
+                             "engine's own choice in cnnjax/xla_options.py)")
     parser.add_argument("--json-out", default="", help="also save every raw result here")
     args = parser.parse_args(argv)
     meta = metadata(argv)

@@ -1,10 +1,11 @@
 """XLA compiler options for cnnjax's jitted train and eval steps, chosen per platform by measurement.
 
-On CPU, XLA 0.10 routes convolutions and the elementwise work around them into YNNPACK fusions.
+On CPU, jaxlib 0.10 routes convolutions and the elementwise work around them into YNNPACK fusions.
 For small networks, the ones people train on a CPU, XLA's own kernels are faster: without the
-fusions lenet5 (62k parameters) trains 1.56x faster and resnet20 (0.27M) 1.34x faster. For larger
-networks the result goes both ways: mobilenet_v2 1.11x, efficientnet_b0 1.02x, resnet18 0.97x,
-densenet121 0.98x, googlenet 0.88x, vgg16 0.81x (benchmarks/RESULTS.md, 2-core CPU, 2026-11-22).
+fusions lenet5 (62k parameters) trains 1.38x faster and resnet20 (0.27M) 1.11x faster (medians of
+three interleaved runs each). For larger networks one run each went both ways: mobilenet_v2 1.11x,
+efficientnet_b0 0.93x, resnet18 0.97x, densenet121 0.98x, googlenet 0.88x, vgg16 0.81x
+(benchmarks/RESULTS.md, 2-core CPU, 2026-11-22).
 So the fusions go off on CPU for models under SMALL_MODEL_PARAMS parameters only. The options go
 to `jax.jit(compiler_options=...)`: they apply to cnnjax's own steps, whatever the process
 imported first, and they never touch XLA_FLAGS.
