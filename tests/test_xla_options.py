@@ -17,6 +17,7 @@ def _train_hlo():
 
 def test_cpu_train_step_compiles_without_ynn_fusions(monkeypatch):
     assert jax.devices()[0].platform == "cpu"
+    monkeypatch.delenv("CNNJAX_XLA_OPTIONS", raising=False)  # conftest turns them off for the suite
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     mesh = distributed.make_mesh()
     assert xla_options.step_options(mesh, 61_706) == {YNN: ""}  # LeNet-5's parameters
@@ -28,6 +29,7 @@ def test_cpu_train_step_compiles_without_ynn_fusions(monkeypatch):
 
 
 def test_user_flags_win_and_unknown_options_are_skipped(monkeypatch):
+    monkeypatch.delenv("CNNJAX_XLA_OPTIONS", raising=False)
     mesh = distributed.make_mesh()
     monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=1 --{YNN}=default")
     assert xla_options.step_options(mesh, 1000) == {}

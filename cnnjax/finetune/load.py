@@ -17,6 +17,8 @@ import numpy as np
 from cnnjax import layers
 from cnnjax.finetune.plan import finetune_config, matches, path_name, regexes
 
+# --- new heads ---------------------------------------------------------------------------------
+
 
 class MLPHead(nn.Module):
     """`base` (a model whose classifier outputs hidden[0] features) followed by act -> Dense for

@@ -133,7 +133,7 @@ def regexes(field: str, value: Any) -> tuple[str, ...]:
     return patterns
 
 
-def _checkmatches(field: str, patterns: Sequence[str], names: Sequence[str]) -> None:
+def _check_matches(field: str, patterns: Sequence[str], names: Sequence[str]) -> None:
     for p in patterns:
         if not any(re.search(p, n) for n in names):
             examples = ", ".join(names[:3] + names[-2:])
@@ -192,8 +192,8 @@ def make_plan(cfg: ml_collections.ConfigDict, model: nn.Module,
     names = leaf_names(params)
     for name, spec in groups.items():
         field = "finetune.freeze" if name == "freeze" else "finetune.lr_groups"
-        _checkmatches(field, spec["patterns"], names)
-    _checkmatches("finetune.reinit", reinit, names + leaf_names(stats))
+        _check_matches(field, spec["patterns"], names)
+    _check_matches("finetune.reinit", reinit, names + leaf_names(stats))
     frozen = None
     if groups:
         frozen = jax.tree.map(lambda label: label == FROZEN, param_labels(params, groups))
