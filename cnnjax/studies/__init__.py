@@ -48,7 +48,7 @@ def load_trial(directory: str, num_examples: int = 64) -> Trial:
     """Rebuilds the run in `directory` (a trial's seed_S/ folder) from its config.json and restores
     the last checkpoint's params and batch statistics; `images` are its first validation examples."""
     from cnnjax.pretrained.checkpoint import restore_variables
-    from cnnjax.train.loop import RunSetup
+    from cnnjax.train.setup import RunSetup
 
     with open(os.path.join(directory, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))

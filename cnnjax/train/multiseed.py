@@ -37,6 +37,7 @@ from cnnjax.data import load_dataset, preprocess, transforms
 from cnnjax.data.config import augment_from_config
 from cnnjax.data.pipeline import TrainOrder
 from cnnjax.train import loop, metrics, optim
+from cnnjax.train.setup import RunSetup
 from cnnjax.train.state import TrainState, count_params, create_train_state, init_fn
 from cnnjax.train.step import eval_step, train_step
 
@@ -87,7 +88,7 @@ class Members:
             raise ValueError(f"chunk={chunk} must lie in [1, {len(seeds)}] (members per vmap)")
         # The engine's own run set-up (validation, model, optimizer, schedule, eval pipeline), so the
         # members are built exactly as single runs are.
-        self.run = run = loop.RunSetup(config)
+        self.run = run = RunSetup(config)
         self.config = config
         self.seeds = [int(s) for s in seeds]
         self.learning_rates = None if learning_rates is None else [float(r) for r in learning_rates]
@@ -322,7 +323,7 @@ def _time_single(config: ml_collections.ConfigDict, seed: int, steps: int) -> tu
     config = ml_collections.ConfigDict(config.to_dict())
     config.seed = seed
     tick = time.perf_counter()
-    run = loop.RunSetup(config)
+    run = RunSetup(config)
     state = create_train_state(run.model, run.tx, seed=seed, input_shape=run.input_shape,
                                mesh=run.mesh)
     batches = run.pipeline.train_batches(0)
