@@ -37,7 +37,7 @@ slower), so only its direction for the Inception and conv pairs is reliable here
 """
 
 from _cifar10 import cifar10_config
-from _mnist_study import mnist_study_config
+from _mnist_study import settled_study_config
 
 from cnnjax.config import base_config, smoke
 from cnnjax.sweep import sweep_config
@@ -81,14 +81,7 @@ def _gpu_config():
 
 
 def _cpu_config():
-    # 5k of the 60k training digits for validation; 16 px (a third of 28 px's convolution cost);
-    # 300 steps of 64 (19,200 images): enough to separate nets, minutes on 2 cores.
-    config = mnist_study_config(image_size=16, val_fraction=1 / 12, batch_size=64, steps=300)
-    # Two 10x drops (at steps 172 and 258 of the 859 an epoch has) so the 300th step's weights
-    # are settled: at a constant rate the final test accuracy swung by 10 points between seeds.
-    config.optimizer.schedule = "multistep"
-    config.optimizer.decay_epochs = (0.2, 0.3)
-    config.log_every_steps = 100
+    config = settled_study_config()
     config.sweep = sweep_config(
         variants=variants(inception={}, resnet={"width": 16},
                           conv={"width": 32, "reduced": 8}), seeds=2,

@@ -32,7 +32,7 @@ widths match k0 + L*k and floor(theta * c) in every block, e.g. k=10: stem 20, b
 transition 25, block 55, transition 27 (floor of 27.5), block 57.
 """
 
-from _mnist_study import mnist_study_config
+from _mnist_study import quick_study_config
 from densenet_bc100_cifar10 import get_config as bc100_config  # experiments/ is on the path
 
 from cnnjax.config import smoke
@@ -57,15 +57,9 @@ def _gpu_config():
 
 
 def _cpu_config():
-    # 14 px (MNIST halved: a quarter of the convolution cost); 1,200 validation digits (evaluating
-    # 5k costs as much as training here); 200 steps of 32 with a constant schedule, so stopping early
-    # is exact.
-    config = mnist_study_config(image_size=14, val_fraction=0.02, batch_size=32, steps=200)
+    config = quick_study_config()
     config.model.name = "densenet_bc100"  # DenseNet-BC, CIFAR stem; block_config set below
     config.model.kwargs.block_config = (3, 3, 3)
-    config.optimizer.schedule = "constant"
-    config.log_every_steps = 50
-    config.keep_checkpoints = 1
     config.sweep = sweep_config(variants=variants(CPU_GROWTH_RATES), seeds=1, baseline="k3",
                                 metric="test.accuracy", study=STUDY)
     return config
