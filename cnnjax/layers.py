@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -61,8 +62,132 @@ def conv_output_size(size: int, kernel: int, stride: int = 1, padding: PaddingLi
     return (size + low + high - k_eff) // stride + 1
 
 
+# --- convolution on CPU ---------------------------------------------------------------------------
+#
+# XLA:CPU runs every convolution through one generic kernel. Three common shapes have a faster form
+# on CPU, chosen at lowering time by `lax.platform_dependent`, so GPUs and TPUs compile the plain
+# convolution and the CPU program holds only the rewritten one. Same parameters, same results up to
+# float rounding. `CNNJAX_CPU_REWRITES=off` turns all three off.
+#
+# - "pointwise": a 1x1 kernel (bottlenecks, MobileNet's pointwise layers, DenseNet's transitions) is
+#   a matrix product over channels. Its weight gradient is then a GEMM, where XLA:CPU's convolution
+#   first copies the input from NHWC to CHWN.
+# - "whole": a VALID kernel as large as its input (LeNet-5's C5) is a dense layer on the flattened
+#   input.
+# - "taps": a first layer on 1 to 3 input channels (grayscale or RGB) is a sum of at most
+#   TAPS_MAX_TERMS shifted slices times a weight row, one elementwise loop. XLA:CPU's kernel
+#   vectorises over input channels and so idles on 1 to 3 of them: LeNet-5's C1 runs 10x faster this
+#   way, a 3x3 RGB stem 4x (benchmarks/RESULTS.md). The gradients stay the convolution's own.
+
+_NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
+TAPS_MAX_CHANNELS = 3
+TAPS_MAX_TERMS = 75  # kh * kw * C_in; 5x5x6 (150 terms) and 7x7x3 (147) were slower than XLA's kernel
+
+
+def cpu_rewrites_enabled() -> bool:
+    """False when CNNJAX_CPU_REWRITES=off (read at trace time, so it applies to the next compile)."""
+    return os.environ.get("CNNJAX_CPU_REWRITES", "on").lower() not in ("off", "0", "false")
+
+
+def _zero_padding(padding: Any) -> bool:
+    if isinstance(padding, str):
+        return padding == "VALID"
+    return all(tuple(p) == (0, 0) for p in padding)
+
+
+def cpu_conv_form(lhs_shape: Sequence[int], rhs_shape: Sequence[int], padding: Any,
+                  lhs_dilation: Any = None, rhs_dilation: Any = None, dimension_numbers: Any = _NHWC,
+                  feature_group_count: int = 1) -> str | None:
+    """The CPU form of an NHWC convolution: 'pointwise', 'whole', 'taps', or None (XLA's kernel)."""
+    if (len(lhs_shape) != 4 or dimension_numbers != _NHWC or feature_group_count != 1
+            or any(d != 1 for d in (lhs_dilation or ()))):
+        return None
+    kh, kw, c_in, _ = rhs_shape
+    if (kh, kw) == (1, 1) and (padding == "SAME" or _zero_padding(padding)):
+        return "pointwise"
+    if any(d != 1 for d in (rhs_dilation or ())):
+        return None
+    if tuple(lhs_shape[1:3]) == (kh, kw) and _zero_padding(padding):
+        return "whole"
+    if c_in <= TAPS_MAX_CHANNELS and kh * kw * c_in <= TAPS_MAX_TERMS:
+        return "taps"
+    return None
+
+
+def _tap_sum(x: Array, w: Array, strides: tuple[int, int], padding: Any) -> Array:
+    """The convolution as sum over (i, j, c) of x's (i, j)-shifted, strided slice of channel c times
+    w[i, j, c, :], accumulated in fp32: one fused elementwise loop.
+
+    The sum runs channel-major ([N, C_out, Ho, Wo], then one transpose to NHWC), so the loop's
+    innermost axis is the image width, not the 1 to 3 channels. Why: XLA fuses the sum with the
+    layer's bias and activation, and with channels innermost LLVM leaves the fused loop scalar; a
+    tanh after LeNet's C1 then cost ten times the sum itself.
+    """
+    kh, kw, c_in, _ = w.shape
+    if padding == "SAME":
+        padding = lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, "SAME")
+    if not _zero_padding(padding):
+        x = jnp.pad(x, [(0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)])
+    (sh, sw), (h, wd) = strides, x.shape[1:3]
+    ho, wo = (h - kh) // sh + 1, (wd - kw) // sw + 1
+    xf = jnp.transpose(x.astype(jnp.float32), (0, 3, 1, 2))  # [N, C_in, H, W]
+    wf = w.astype(jnp.float32)[..., None, None]  # [kh, kw, C_in, C_out, 1, 1]
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            window = xf[:, :, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw]
+            for c in range(c_in):
+                term = window[:, c:c + 1] * wf[i, j, c]
+                out = term if out is None else out + term
+    return jnp.transpose(out, (0, 2, 3, 1)).astype(jnp.result_type(x, w))
+
+
+def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], padding: Any,
+                         lhs_dilation: Any = None, rhs_dilation: Any = None,
+                         dimension_numbers: Any = None, feature_group_count: int = 1,
+                         precision: Any = None, preferred_element_type: Any = None) -> Array:
+    """`lax.conv_general_dilated` with the CPU forms above; what `Conv` calls."""
+    strides = tuple(window_strides)
+    conv = functools.partial(
+        lax.conv_general_dilated, window_strides=strides, padding=padding,
+        lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, precision=precision,
+        preferred_element_type=preferred_element_type)
+    form = cpu_conv_form(lhs.shape, rhs.shape, padding, lhs_dilation, rhs_dilation,
+                         dimension_numbers, feature_group_count)
+    if form is None or not cpu_rewrites_enabled():
+        return conv(lhs, rhs)
+    dot = functools.partial(lax.dot_general, precision=precision,
+                            preferred_element_type=preferred_element_type)
+
+    def pointwise(x: Array, w: Array) -> Array:
+        return dot(x[:, ::strides[0], ::strides[1], :], w[0, 0], (((3,), (0,)), ((), ())))
+
+    def whole(x: Array, w: Array) -> Array:
+        y = dot(x.reshape(x.shape[0], -1), w.reshape(-1, w.shape[-1]), (((1,), (0,)), ((), ())))
+        return y.reshape(x.shape[0], 1, 1, -1)
+
+    @jax.custom_vjp
+    def taps(x: Array, w: Array) -> Array:
+        return _tap_sum(x, w, strides, padding)
+
+    def taps_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
+        return taps(x, w), (x, w)
+
+    def taps_bwd(residuals: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+        # The backward pass of the tap sum is 3 * kh * kw reductions over the batch; XLA's
+        # convolution gradients are faster, so the gradients are the convolution's own.
+        return jax.vjp(conv, *residuals)[1](g)
+
+    taps.defvjp(taps_fwd, taps_bwd)
+    forms = {"pointwise": pointwise, "whole": whole, "taps": taps}
+    return lax.platform_dependent(lhs, rhs, cpu=forms[form], default=conv)
+
+
 class Conv(nn.Conv):
     """`nn.Conv` that also accepts padding='FULL'. Same parameters, same names, same speed."""
+
+    conv_general_dilated: Any = conv_general_dilated
 
     def __post_init__(self) -> None:
         if isinstance(self.padding, str) and self.padding.upper() == "FULL":

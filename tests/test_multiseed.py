@@ -76,7 +76,9 @@ def test_each_member_equals_its_single_run(i):
     members, states, losses = _vmapped()
     state, single_losses, _ = _single_run(SEEDS[i])
     np.testing.assert_allclose(losses[i], single_losses, rtol=1e-5, atol=1e-6)
-    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
+    # A vmapped GEMM sums in another order than the single one (LeNet's C5 is a GEMM on CPU):
+    # weights of about 0.07 then differ by up to 1e-5 after five steps.
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=2e-5),
                  _member(states.params, i), jax.device_get(state.params))
     assert int(states.step[i]) == STEPS
 

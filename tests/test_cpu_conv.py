@@ -1,0 +1,89 @@
+"""The CPU forms of `layers.Conv` (pointwise, whole-input, input taps): same values and gradients as
+XLA's convolution, used on CPU only, with the parameters of `nn.Conv`, and an opt-out."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import export, lax
+
+from cnnjax import layers
+
+# (input shape, kernel shape, strides, padding, the form cnnjax picks on CPU)
+CASES = [
+    ((2, 8, 8, 5), (1, 1, 5, 7), (1, 1), "VALID", "pointwise"),
+    ((2, 7, 7, 5), (1, 1, 5, 7), (2, 2), "SAME", "pointwise"),  # odd map: SAME pads nothing for 1x1
+    ((2, 5, 5, 4), (5, 5, 4, 6), (1, 1), "VALID", "whole"),  # LeNet-5's C5
+    ((2, 12, 12, 1), (5, 5, 1, 6), (1, 1), "VALID", "taps"),  # LeNet-5's C1
+    ((2, 9, 8, 3), (3, 3, 3, 6), (2, 2), "SAME", "taps"),  # a strided RGB stem
+    ((2, 9, 8, 2), (3, 3, 2, 6), (1, 2), [(1, 2), (0, 1)], "taps"),
+    ((2, 6, 6, 4), (3, 3, 4, 6), (1, 1), "SAME", None),  # 4 input channels: XLA's kernel
+    ((2, 9, 9, 3), (7, 7, 3, 4), (1, 1), "VALID", None),  # 147 terms: XLA's kernel
+]
+
+
+def _ours(strides, padding):
+    return lambda x, w: layers.conv_general_dilated(x, w, strides, padding,
+                                                    dimension_numbers=layers._NHWC)
+
+
+def _xla(strides, padding):
+    return lambda x, w: lax.conv_general_dilated(x, w, strides, padding,
+                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                 precision=lax.Precision.HIGHEST)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding,form", CASES)
+def test_cpu_form_matches_the_convolution_and_its_gradients(x_shape, w_shape, strides, padding, form):
+    assert layers.cpu_conv_form(x_shape, w_shape, padding) == form
+    x = jax.random.normal(jax.random.key(0), x_shape)
+    w = jax.random.normal(jax.random.key(1), w_shape)
+    ours, xla = _ours(strides, padding), _xla(strides, padding)
+
+    def loss(conv):  # a nonlinear loss, so the cotangent differs at every position
+        return lambda x, w: jnp.sum(jnp.sin(conv(x, w)))
+
+    chex.assert_trees_all_close(jax.jit(ours)(x, w), xla(x, w), atol=1e-4, rtol=1e-5)
+    chex.assert_trees_all_close(jax.jit(jax.grad(loss(ours), (0, 1)))(x, w),
+                                jax.grad(loss(xla), (0, 1))(x, w), atol=1e-3, rtol=1e-4)
+
+
+def _hlo(x_shape, w_shape, weight_gradient):
+    x, w = jnp.ones(x_shape), jnp.ones(w_shape)
+    fn = _ours((1, 1), "VALID")
+    if weight_gradient:
+        fn = jax.grad(lambda x, w: jnp.sum(jnp.sin(_ours((1, 1), "VALID")(x, w))), argnums=1)
+    return jax.jit(fn).lower(x, w).compile().as_text()
+
+
+# XLA:CPU itself runs a 1x1 convolution's forward pass as a dot, but not its weight gradient; the
+# taps form replaces the forward pass only (its gradients are the convolution's).
+@pytest.mark.parametrize("x_shape,w_shape,weight_gradient", [((2, 8, 8, 5), (1, 1, 5, 7), True),
+                                                             ((2, 5, 5, 4), (5, 5, 4, 6), True),
+                                                             ((2, 12, 12, 1), (5, 5, 1, 6), False)])
+def test_cpu_forms_compile_without_a_convolution_and_opt_out_restores_it(monkeypatch, x_shape, w_shape,
+                                                                          weight_gradient):
+    monkeypatch.delenv("CNNJAX_CPU_REWRITES", raising=False)
+    assert " convolution(" not in _hlo(x_shape, w_shape, weight_gradient)
+    monkeypatch.setenv("CNNJAX_CPU_REWRITES", "off")
+    assert " convolution(" in _hlo(x_shape, w_shape, weight_gradient)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_accelerators_keep_the_convolution(platform):
+    x, w = jnp.ones((2, 8, 8, 5)), jnp.ones((1, 1, 5, 7))
+    fn = jax.jit(_ours((1, 1), "VALID"))
+    assert "dot_general" in export.export(fn, platforms=["cpu"])(x, w).mlir_module()
+    module = export.export(fn, platforms=[platform])(x, w).mlir_module()
+    assert "stablehlo.convolution" in module and "dot_general" not in module
+
+
+def test_conv_keeps_nn_conv_parameters_and_output():
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+    for kernel in ((1, 1), (3, 3), (6, 6)):
+        ours, theirs = layers.Conv(4, kernel, padding="VALID"), nn.Conv(4, kernel, padding="VALID")
+        variables = theirs.init(jax.random.key(1), x)
+        chex.assert_trees_all_equal_shapes(ours.init(jax.random.key(1), x), variables)
+        chex.assert_trees_all_close(ours.apply(variables, x), theirs.apply(variables, x),
+                                    atol=1e-5, rtol=1e-5)
