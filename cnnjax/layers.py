@@ -75,9 +75,9 @@ def conv_output_size(size: int, kernel: int, stride: int = 1, padding: PaddingLi
 # - "whole": a VALID kernel as large as its input (LeNet-5's C5) is a dense layer on the flattened
 #   input.
 # - "taps": a first layer on 1 to 3 input channels (grayscale or RGB) is a sum of at most
-#   TAPS_MAX_TERMS shifted slices times a weight row, one elementwise loop. XLA:CPU's kernel
-#   vectorises over input channels and so idles on 1 to 3 of them: LeNet-5's C1 runs 10x faster this
-#   way, a 3x3 RGB stem 4x (benchmarks/RESULTS.md). The gradients stay the convolution's own.
+#   TAPS_MAX_TERMS shifted slices times a weight row, one elementwise loop. XLA:CPU's kernel is slow
+#   on so few input channels: this way LeNet-5's C1 forward pass runs 10x faster, a 3x3 RGB stem's 4x
+#   (benchmarks/RESULTS.md). The gradients stay the convolution's own.
 
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 TAPS_MAX_CHANNELS = 3
@@ -175,8 +175,8 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
         return taps(x, w), (x, w)
 
     def taps_bwd(residuals: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
-        # The backward pass of the tap sum is 3 * kh * kw reductions over the batch; XLA's
-        # convolution gradients are faster, so the gradients are the convolution's own.
+        # The tap sum's own weight gradient is kh * kw * C_in reductions over the batch, several
+        # times slower than XLA's (benchmarks/RESULTS.md), so the gradients are the convolution's.
         return jax.vjp(conv, *residuals)[1](g)
 
     taps.defvjp(taps_fwd, taps_bwd)
@@ -185,7 +185,7 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
 
 
 class Conv(nn.Conv):
-    """`nn.Conv` that also accepts padding='FULL'. Same parameters, same names, same speed."""
+    """`nn.Conv` that also accepts padding='FULL', with the CPU forms above. Same parameters and names."""
 
     conv_general_dilated: Any = conv_general_dilated
 
