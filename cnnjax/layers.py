@@ -62,12 +62,22 @@ def conv_output_size(size: int, kernel: int, stride: int = 1, padding: PaddingLi
     return (size + low + high - k_eff) // stride + 1
 
 
+def pad_pairs(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
+              padding: Any) -> list[tuple[int, int]]:
+    """(low, high) zero padding per spatial axis for 'VALID', 'SAME' or explicit pairs, as lax pads."""
+    if isinstance(padding, str):
+        if padding.upper() == "VALID":
+            return [(0, 0)] * len(spatial)
+        return lax.padtype_to_pads(tuple(spatial), tuple(kernel), tuple(strides), "SAME")
+    return [tuple(p) for p in padding]  # type: ignore[misc]
+
+
 # --- convolution on CPU ---------------------------------------------------------------------------
 #
-# XLA:CPU runs every convolution through one generic kernel. Three common shapes have a faster form
+# XLA:CPU runs every convolution through one generic kernel. Four common shapes have a faster form
 # on CPU, chosen at lowering time by `lax.platform_dependent`, so GPUs and TPUs compile the plain
 # convolution and the CPU program holds only the rewritten one. Same parameters, same results up to
-# float rounding. `CNNJAX_CPU_REWRITES=off` turns all three off.
+# float rounding. `CNNJAX_CPU_REWRITES=off` turns all four off.
 #
 # - "pointwise": a 1x1 kernel (bottlenecks, MobileNet's pointwise layers, DenseNet's transitions) is
 #   a matrix product over channels. Its weight gradient is then a GEMM, where XLA:CPU's convolution
@@ -78,10 +88,16 @@ def conv_output_size(size: int, kernel: int, stride: int = 1, padding: PaddingLi
 #   TAPS_MAX_TERMS shifted slices times a weight row, one elementwise loop. XLA:CPU's kernel is slow
 #   on so few input channels: this way LeNet-5's C1 forward pass runs 10x faster, a 3x3 RGB stem's 4x
 #   (benchmarks/RESULTS.md). The gradients stay the convolution's own.
+# - "narrow": any other stride-1 layer on at most NARROW_MAX_CHANNELS input channels (LeNet-5's
+#   C3) keeps XLA's forward pass and weight gradient, but computes its input gradient as one GEMM
+#   per kernel row plus shifted adds. XLA:CPU's kernel builds [kh * kw * C_out]-wide patches of the
+#   output gradient for a product only C_in columns wide; the row GEMMs ran 1.3x to 3.6x faster below
+#   8 input channels, mixed at 8, even at 12 and 5x slower at 16 (benchmarks/RESULTS.md).
 
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 TAPS_MAX_CHANNELS = 3
 TAPS_MAX_TERMS = 75  # kh * kw * C_in; 5x5x6 (150 terms) and 7x7x3 (147) were slower than XLA's kernel
+NARROW_MAX_CHANNELS = 7
 
 
 def cpu_rewrites_enabled() -> bool:
@@ -97,8 +113,9 @@ def _zero_padding(padding: Any) -> bool:
 
 def cpu_conv_form(lhs_shape: Sequence[int], rhs_shape: Sequence[int], padding: Any,
                   lhs_dilation: Any = None, rhs_dilation: Any = None, dimension_numbers: Any = _NHWC,
-                  feature_group_count: int = 1) -> str | None:
-    """The CPU form of an NHWC convolution: 'pointwise', 'whole', 'taps', or None (XLA's kernel)."""
+                  feature_group_count: int = 1, window_strides: Sequence[int] = (1, 1)) -> str | None:
+    """The CPU form of an NHWC convolution: 'pointwise', 'whole', 'taps', 'narrow', or None (XLA's
+    kernel)."""
     if (len(lhs_shape) != 4 or dimension_numbers != _NHWC or feature_group_count != 1
             or any(d != 1 for d in (lhs_dilation or ()))):
         return None
@@ -111,6 +128,10 @@ def cpu_conv_form(lhs_shape: Sequence[int], rhs_shape: Sequence[int], padding: A
         return "whole"
     if c_in <= TAPS_MAX_CHANNELS and kh * kw * c_in <= TAPS_MAX_TERMS:
         return "taps"
+    pads = padding if isinstance(padding, str) else [p for pair in padding for p in pair]
+    if (c_in <= NARROW_MAX_CHANNELS and all(s == 1 for s in window_strides)
+            and (isinstance(pads, str) or min(pads) >= 0)):
+        return "narrow"
     return None
 
 
@@ -124,10 +145,9 @@ def _tap_sum(x: Array, w: Array, strides: tuple[int, int], padding: Any) -> Arra
     tanh after LeNet's C1 then cost ten times the sum itself.
     """
     kh, kw, c_in, _ = w.shape
-    if padding == "SAME":
-        padding = lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, "SAME")
-    if not _zero_padding(padding):
-        x = jnp.pad(x, [(0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)])
+    pads = pad_pairs(x.shape[1:3], (kh, kw), strides, padding)
+    if not _zero_padding(pads):
+        x = jnp.pad(x, [(0, 0), pads[0], pads[1], (0, 0)])
     (sh, sw), (h, wd) = strides, x.shape[1:3]
     ho, wo = (h - kh) // sh + 1, (wd - kw) // sw + 1
     xf = jnp.transpose(x.astype(jnp.float32), (0, 3, 1, 2))  # [N, C_in, H, W]
@@ -142,6 +162,24 @@ def _tap_sum(x: Array, w: Array, strides: tuple[int, int], padding: Any) -> Arra
     return jnp.transpose(out, (0, 2, 3, 1)).astype(jnp.result_type(x, w))
 
 
+def _row_input_gradient(g: Array, w: Array, x_shape: Sequence[int], padding: Any) -> Array:
+    """dL/dx of a stride-1 NHWC convolution from its output gradient g, in fp32: for each kernel row
+    i one GEMM g[N*Ho*Wo, C_out] @ w[i] -> [N, Ho, Wo, kw, C_in], then the kh * kw slices added at
+    their shifts (one fused loop) and the padding cropped off."""
+    kh, kw, c_in, c_out = w.shape
+    n, ho, wo, _ = g.shape
+    rows = g.reshape(-1, c_out)
+    grad = None
+    for i in range(kh):
+        w_row = jnp.transpose(w[i], (2, 0, 1)).reshape(c_out, kw * c_in)
+        t = lax.dot(rows, w_row, preferred_element_type=jnp.float32).reshape(n, ho, wo, kw, c_in)
+        for j in range(kw):
+            term = jnp.pad(t[:, :, :, j], [(0, 0), (i, kh - 1 - i), (j, kw - 1 - j), (0, 0)])
+            grad = term if grad is None else grad + term
+    (top, _), (left, _) = pad_pairs(x_shape[1:3], (kh, kw), (1, 1), padding)
+    return grad[:, top:top + x_shape[1], left:left + x_shape[2]]
+
+
 def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], padding: Any,
                          lhs_dilation: Any = None, rhs_dilation: Any = None,
                          dimension_numbers: Any = None, feature_group_count: int = 1,
@@ -154,7 +192,7 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
         feature_group_count=feature_group_count, precision=precision,
         preferred_element_type=preferred_element_type)
     form = cpu_conv_form(lhs.shape, rhs.shape, padding, lhs_dilation, rhs_dilation,
-                         dimension_numbers, feature_group_count)
+                         dimension_numbers, feature_group_count, strides)
     if form is None or not cpu_rewrites_enabled():
         return conv(lhs, rhs)
     dot = functools.partial(lax.dot_general, precision=precision,
@@ -180,7 +218,21 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
         return jax.vjp(conv, *residuals)[1](g)
 
     taps.defvjp(taps_fwd, taps_bwd)
-    forms = {"pointwise": pointwise, "whole": whole, "taps": taps}
+
+    @jax.custom_vjp
+    def narrow(x: Array, w: Array) -> Array:
+        return conv(x, w)
+
+    def narrow_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
+        return conv(x, w), (x, w)
+
+    def narrow_bwd(residuals: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+        x, w = residuals
+        w_grad = jax.vjp(lambda w: conv(x, w), w)[1](g)[0]
+        return _row_input_gradient(g, w, x.shape, padding).astype(x.dtype), w_grad
+
+    narrow.defvjp(narrow_fwd, narrow_bwd)
+    forms = {"pointwise": pointwise, "whole": whole, "taps": taps, "narrow": narrow}
     return lax.platform_dependent(lhs, rhs, cpu=forms[form], default=conv)
 
 
@@ -208,12 +260,7 @@ def conv_im2col(x: Array, kernel: Array, strides: int | Sequence[int] = 1,
     """
     kh, kw, c_in, c_out = kernel.shape
     sh, sw = _pair(strides)
-    pads = explicit_padding(padding, (kh, kw))
-    if pads == "VALID":
-        pads = [(0, 0), (0, 0)]
-    elif pads == "SAME":
-        pads = [lax.padtype_to_pads((n,), (k,), (s,), "SAME")[0]
-                for n, k, s in zip(x.shape[1:3], (kh, kw), (sh, sw), strict=True)]
+    pads = pad_pairs(x.shape[1:3], (kh, kw), (sh, sw), explicit_padding(padding, (kh, kw)))
     x = jnp.pad(x, [(0, 0), pads[0], pads[1], (0, 0)])
     n, h, w, _ = x.shape
     ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1

@@ -1,5 +1,5 @@
-"""The CPU forms of `layers.Conv` (pointwise, whole-input, input taps): same values and gradients as
-XLA's convolution, used on CPU only, with the parameters of `nn.Conv`, and an opt-out."""
+"""The CPU forms of `layers.Conv` (pointwise, whole-input, input taps, narrow input): same values and
+gradients as XLA's convolution, used on CPU only, with the parameters of `nn.Conv`, and an opt-out."""
 
 import chex
 import flax.linen as nn
@@ -18,8 +18,12 @@ CASES = [
     ((2, 12, 12, 1), (5, 5, 1, 6), (1, 1), "VALID", "taps"),  # LeNet-5's C1
     ((2, 9, 8, 3), (3, 3, 3, 6), (2, 2), "SAME", "taps"),  # a strided RGB stem
     ((2, 9, 8, 2), (3, 3, 2, 6), (1, 2), [(1, 2), (0, 1)], "taps"),
-    ((2, 6, 6, 4), (3, 3, 4, 6), (1, 1), "SAME", None),  # 4 input channels: XLA's kernel
-    ((2, 9, 9, 3), (7, 7, 3, 4), (1, 1), "VALID", None),  # 147 terms: XLA's kernel
+    ((2, 6, 6, 4), (3, 3, 4, 6), (1, 1), "SAME", "narrow"),
+    ((2, 14, 14, 6), (5, 5, 6, 16), (1, 1), "VALID", "narrow"),  # LeNet-5's C3
+    ((2, 7, 6, 5), (3, 2, 5, 4), (1, 1), [(2, 1), (0, 1)], "narrow"),
+    ((2, 9, 9, 3), (7, 7, 3, 4), (1, 1), "VALID", "narrow"),  # 147 terms: too many for taps
+    ((2, 6, 6, 8), (3, 3, 8, 6), (1, 1), "SAME", None),  # 8 input channels: XLA's kernel
+    ((2, 7, 7, 4), (3, 3, 4, 6), (2, 2), "SAME", None),  # strided: XLA's kernel
 ]
 
 
@@ -36,7 +40,7 @@ def _xla(strides, padding):
 
 @pytest.mark.parametrize("x_shape,w_shape,strides,padding,form", CASES)
 def test_cpu_form_matches_the_convolution_and_its_gradients(x_shape, w_shape, strides, padding, form):
-    assert layers.cpu_conv_form(x_shape, w_shape, padding) == form
+    assert layers.cpu_conv_form(x_shape, w_shape, padding, window_strides=strides) == form
     x = jax.random.normal(jax.random.key(0), x_shape)
     w = jax.random.normal(jax.random.key(1), w_shape)
     ours, xla = _ours(strides, padding), _xla(strides, padding)
@@ -49,25 +53,30 @@ def test_cpu_form_matches_the_convolution_and_its_gradients(x_shape, w_shape, st
                                 jax.grad(loss(xla), (0, 1))(x, w), atol=1e-3, rtol=1e-4)
 
 
-def _hlo(x_shape, w_shape, weight_gradient):
+def _hlo(x_shape, w_shape, gradient):
+    """The compiled CPU program of the forward pass (gradient None), or of the gradient with respect
+    to the input (0) or the weight (1) for an output gradient given as an argument."""
+    ours = _ours((1, 1), "VALID")
     x, w = jnp.ones(x_shape), jnp.ones(w_shape)
-    fn = _ours((1, 1), "VALID")
-    if weight_gradient:
-        fn = jax.grad(lambda x, w: jnp.sum(jnp.sin(_ours((1, 1), "VALID")(x, w))), argnums=1)
-    return jax.jit(fn).lower(x, w).compile().as_text()
+    if gradient is None:
+        return jax.jit(ours).lower(x, w).compile().as_text()
+    g = jax.eval_shape(ours, x, w)
+    return jax.jit(lambda x, w, g: jax.vjp(ours, x, w)[1](g)[gradient]).lower(x, w, g).compile().as_text()
 
 
 # XLA:CPU itself runs a 1x1 convolution's forward pass as a dot, but not its weight gradient; the
-# taps form replaces the forward pass only (its gradients are the convolution's).
-@pytest.mark.parametrize("x_shape,w_shape,weight_gradient", [((2, 8, 8, 5), (1, 1, 5, 7), True),
-                                                             ((2, 5, 5, 4), (5, 5, 4, 6), True),
-                                                             ((2, 12, 12, 1), (5, 5, 1, 6), False)])
+# taps form replaces the forward pass only (its gradients are the convolution's); the narrow form
+# replaces the input gradient only.
+@pytest.mark.parametrize("x_shape,w_shape,gradient", [((2, 8, 8, 5), (1, 1, 5, 7), 1),
+                                                      ((2, 5, 5, 4), (5, 5, 4, 6), None),
+                                                      ((2, 12, 12, 1), (5, 5, 1, 6), None),
+                                                      ((2, 14, 14, 6), (5, 5, 6, 16), 0)])
 def test_cpu_forms_compile_without_a_convolution_and_opt_out_restores_it(monkeypatch, x_shape, w_shape,
-                                                                          weight_gradient):
+                                                                          gradient):
     monkeypatch.delenv("CNNJAX_CPU_REWRITES", raising=False)
-    assert " convolution(" not in _hlo(x_shape, w_shape, weight_gradient)
+    assert " convolution(" not in _hlo(x_shape, w_shape, gradient)
     monkeypatch.setenv("CNNJAX_CPU_REWRITES", "off")
-    assert " convolution(" in _hlo(x_shape, w_shape, weight_gradient)
+    assert " convolution(" in _hlo(x_shape, w_shape, gradient)
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
