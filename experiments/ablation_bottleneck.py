@@ -38,6 +38,7 @@ slower), so only its direction for the Inception and conv pairs is reliable here
 
 from _cifar10 import cifar10_config
 from _mnist_study import settled_study_config
+from _sizes import check_size
 
 from cnnjax.config import base_config, smoke
 from cnnjax.sweep import sweep_config
@@ -105,7 +106,4 @@ def _smoke_config():
 
 def get_config(arg: str | None = None):
     sizes = {None: _gpu_config, "cpu": _cpu_config, "smoke": _smoke_config}
-    if arg not in sizes:
-        raise ValueError(f"unknown size {arg!r} for ablation_bottleneck; use :cpu, :smoke or none "
-                         "(full size, CIFAR-10 on a GPU)")
-    return sizes[arg]()
+    return sizes[check_size(arg, "ablation_bottleneck")]()

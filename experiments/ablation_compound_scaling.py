@@ -33,6 +33,7 @@ first run at load average 11-13 took 36 min wall and gave the same accuracies.
 
 import ml_collections
 from _cifar10 import cifar10_config
+from _sizes import check_size
 
 from cnnjax.config import base_config, smoke
 from cnnjax.models.efficientnet import B0_STAGES
@@ -55,8 +56,7 @@ def _baseline(config: ml_collections.ConfigDict, image_size: int, num_stages: in
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    if arg not in (None, "cpu", "smoke"):
-        raise ValueError(f"unknown size {arg!r}; use no argument (GPU), ':cpu' or ':smoke'")
+    check_size(arg, "ablation_compound_scaling")
     if arg is None:
         config = cifar10_config()
         config.num_epochs = 50

@@ -33,6 +33,7 @@ transition 25, block 55, transition 27 (floor of 27.5), block 57.
 """
 
 from _mnist_study import quick_study_config
+from _sizes import check_size
 from densenet_bc100_cifar10 import get_config as bc100_config  # experiments/ is on the path
 
 from cnnjax.config import smoke
@@ -41,7 +42,6 @@ from cnnjax.sweep import sweep_config
 STUDY = "cnnjax.studies.densenet_growth"
 PAPER_GROWTH_RATES = (12, 24, 32, 40)
 CPU_GROWTH_RATES = (3, 6, 8, 10)  # the paper's values / 4: the same ratios, 16x cheaper convs
-SIZES = ("cpu", "smoke")
 
 
 def variants(growth_rates: tuple[int, ...]) -> list[dict]:
@@ -76,9 +76,5 @@ def _smoke_config():
 
 
 def get_config(arg: str | None = None):
-    if arg is None:
-        return _gpu_config()
-    if arg not in SIZES:
-        raise ValueError(f"unknown size {arg!r} for ablation_densenet_growth; use no argument "
-                         f"(CIFAR-10, GPU) or one of {', '.join(SIZES)}")
-    return _cpu_config() if arg == "cpu" else _smoke_config()
+    sizes = {None: _gpu_config, "cpu": _cpu_config, "smoke": _smoke_config}
+    return sizes[check_size(arg, "ablation_densenet_growth")]()

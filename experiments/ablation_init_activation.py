@@ -30,6 +30,7 @@ against 0.33 at layer8 (tanh: 3.8e-2 at the stem).
 """
 
 from _cifar10 import cifar10_config
+from _sizes import check_size
 
 from cnnjax.config import base_config, smoke
 from cnnjax.sweep import sweep_config
@@ -80,8 +81,7 @@ def _gpu_config():
 
 
 def get_config(arg: str | None = None):
-    if arg not in (None, "cpu", "smoke"):
-        raise ValueError(f"unknown arg {arg!r}; use no arg (CIFAR-10, GPU), :cpu or :smoke")
+    check_size(arg, "ablation_init_activation")
     grid = [(init, act) for init in INITS for act in ACTIVATIONS] + list(SATURATING)
     if arg == "smoke":
         config = smoke(_cpu_config())

@@ -43,6 +43,7 @@ From the real modules (also in report.md): Table 3's 3x3 conv on 14x14x512 -> 51
 
 from _cifar10 import cifar10_config  # experiments/ is on the path while a config loads
 from _mnist_study import quick_study_config
+from _sizes import check_size
 
 from cnnjax.config import smoke
 from cnnjax.sweep import sweep_config
@@ -50,7 +51,6 @@ from cnnjax.sweep import sweep_config
 STUDY = "cnnjax.studies.mobilenet_multipliers"
 WIDTHS = (1.0, 0.75, 0.5, 0.25)
 RESOLUTIONS = (6 / 7, 5 / 7, 4 / 7)  # 192, 160 and 128 of 224; rho = 1 is the width sweep's first
-SIZES = ("cpu", "smoke")
 
 
 def variants(widths: tuple[float, ...], resolutions: tuple[float, ...], base_size: int) -> list[dict]:
@@ -92,9 +92,5 @@ def _smoke_config():
 
 
 def get_config(arg: str | None = None):
-    if arg is None:
-        return _gpu_config()
-    if arg not in SIZES:
-        raise ValueError(f"unknown size {arg!r} for ablation_mobilenet_multipliers; use no "
-                         f"argument (CIFAR-10, GPU) or one of {', '.join(SIZES)}")
-    return _cpu_config() if arg == "cpu" else _smoke_config()
+    sizes = {None: _gpu_config, "cpu": _cpu_config, "smoke": _smoke_config}
+    return sizes[check_size(arg, "ablation_mobilenet_multipliers")]()

@@ -26,6 +26,7 @@ report (1.45-2.1x and 2.0-3.6x over three regenerations of the report on the loa
 
 from _cifar10 import cifar10_config
 from _mnist_study import settled_study_config
+from _sizes import check_size
 
 from cnnjax.config import base_config, smoke
 from cnnjax.sweep import sweep_config
@@ -67,7 +68,4 @@ def _smoke_config():
 
 def get_config(arg: str | None = None):
     sizes = {None: _gpu_config, "cpu": _cpu_config, "smoke": _smoke_config}
-    if arg not in sizes:
-        raise ValueError(f"unknown size {arg!r} for ablation_receptive_field; use :cpu, :smoke or "
-                         "none (full size, CIFAR-10 on a GPU)")
-    return sizes[arg]()
+    return sizes[check_size(arg, "ablation_receptive_field")]()

@@ -29,6 +29,7 @@ optimisation, not vanishing gradients. 19,034 params at depth 8, 75,098 at 32, s
 """
 
 from _cifar10 import cifar10_config
+from _sizes import check_size
 
 from cnnjax.config import base_config, smoke
 from cnnjax.sweep import sweep_config
@@ -79,8 +80,7 @@ def _gpu_config():
 
 
 def get_config(arg: str | None = None):
-    if arg not in (None, "cpu", "smoke"):
-        raise ValueError(f"unknown arg {arg!r}; use no arg (CIFAR-10, GPU), :cpu or :smoke")
+    check_size(arg, "ablation_skip_connections")
     if arg == "smoke":
         config = smoke(_cpu_config())
         config.num_train_steps = 2

@@ -86,6 +86,13 @@ def test_every_study_declares_a_sweep_and_has_its_own_test(name):
     assert os.path.exists(os.path.join(ROOT, "tests", f"test_{family}.py"))
 
 
+@pytest.mark.parametrize("name", [c for c in STUDIES if c.startswith("ablation_")])
+def test_every_ablation_names_its_sizes_on_an_unknown_one(name):
+    with pytest.raises(config_lib.ConfigError,
+                       match=f"unknown size 'gpu' for {name}; use no argument .* cpu, smoke"):
+        config_lib.load_config(f"experiments/{name}.py:gpu")
+
+
 # lenet5_digits:smoke runs as a real subprocess in test_launch.py.
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [c for c in CONFIGS if c != "lenet5_digits" and c not in STUDIES])
