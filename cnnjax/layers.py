@@ -91,7 +91,7 @@ def pad_pairs(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[i
 # - "narrow": any other stride-1 layer on at most NARROW_MAX_CHANNELS input channels (LeNet-5's
 #   C3) keeps XLA's forward pass and weight gradient, but computes its input gradient as one GEMM
 #   per kernel row plus shifted adds. XLA:CPU's kernel builds [kh * kw * C_out]-wide patches of the
-#   output gradient for a product only C_in columns wide; the row GEMMs ran 1.3x to 3.6x faster below
+#   output gradient for a product only C_in columns wide; the row GEMMs ran 1.2x to 4.5x faster below
 #   8 input channels, mixed at 8, even at 12 and 5x slower at 16 (benchmarks/RESULTS.md).
 
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
