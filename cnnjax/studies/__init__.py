@@ -123,13 +123,17 @@ def final_training(records: Sequence[dict]) -> dict[str, float]:
     return {key: float(np.mean([r[key] for r in tail])) for key in ("loss", "accuracy")}
 
 
-def figure(width: float, height: float, panels: int = 1) -> tuple[Any, Any]:
-    """A matplotlib Figure of `panels` side by side and its axes (one Axes, or an array of them).
+def figure(width: float, height: float, panels: int = 1, *, rows: int | None = None,
+           layout: str = "tight") -> tuple[Any, Any]:
+    """A matplotlib Figure of `panels` side by side and its axes (one Axes, or an array of them);
+    with `rows`, a rows x panels grid and always a 2-D array of axes.
 
     Built without pyplot: no global backend switch, nothing registered that needs closing, so a
-    report can draw from any process (a notebook keeps its own backend). Layout is tight on save.
+    report can draw from any process (a notebook keeps its own backend).
     """
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), layout="tight")
-    return fig, fig.subplots(1, panels)
+    fig = Figure(figsize=(width, height), layout=layout)
+    if rows is None:
+        return fig, fig.subplots(1, panels)
+    return fig, fig.subplots(rows, panels, squeeze=False)

@@ -20,11 +20,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from cnnjax import diagnostics
 from cnnjax.studies import (
     Trial,
+    figure,
     final_training,
     first_seed_dirs,
     initial_variables,
@@ -84,8 +84,8 @@ def _plot_stats(measured: Sequence[Mapping], path: str) -> None:
     """Rows: activations; columns: std, fraction saturated, unit_spread, each at init | trained."""
     acts = list(dict.fromkeys(m["act"] for m in measured))
     columns = [(key, when) for key in STAT_KEYS for when in ("init", "trained")]
-    fig = Figure(figsize=(2.9 * len(columns), 2.4 * len(acts)), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(len(acts), len(columns), squeeze=False))
+    fig, axes = figure(2.9 * len(columns), 2.4 * len(acts), len(columns), rows=len(acts),
+                       layout="constrained")
     for row, act in enumerate(acts):
         for col, (key, when) in enumerate(columns):
             ax = axes[row, col]

@@ -21,12 +21,12 @@ from typing import Any
 
 import jax
 import numpy as np
-from matplotlib.figure import Figure
 
 from cnnjax import diagnostics
 from cnnjax.profile import init_shapes
 from cnnjax.studies import (
     Trial,
+    figure,
     final_training,
     first_seed_dirs,
     init_variables,
@@ -97,8 +97,7 @@ def no_norm_gradients(trial: Trial) -> dict[str, float]:
 
 
 def _plot_training_loss(curves: Mapping[str, Sequence[dict]], path: str) -> None:
-    fig = Figure(figsize=(7, 4), layout="constrained")
-    ax = fig.subplots()
+    fig, ax = figure(7, 4, layout="constrained")
     for label, records in curves.items():
         ax.plot([r["step"] for r in records], [r["loss"] for r in records], label=label)
     ax.set_yscale("log")

@@ -18,7 +18,7 @@ from typing import Any
 
 import ml_collections
 
-from cnnjax.studies import first_seed_dirs, rows_by_variant
+from cnnjax.studies import figure, first_seed_dirs, rows_by_variant
 from cnnjax.sweep.report import markdown_table
 
 PRETRAIN_DIR = "pretrain"
@@ -77,10 +77,7 @@ def variant_facts(directory: str) -> dict[str, Any]:
 
 def plot_curves(facts: Mapping[str, dict], out_png: str) -> None:
     """Validation accuracy against step, one line per variant (its first seed)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.5, 4), layout="constrained")
-    ax = fig.subplots()
+    fig, ax = figure(6.5, 4, layout="constrained")
     for name, fact in facts.items():
         if fact["curve"]:
             style = "--" if fact["start"] == "scratch" else "-"
