@@ -187,7 +187,7 @@ def run_benchmark(
                "mfu": 3 * flops * train["images_per_second"] / peak}
     result |= memory_report(train_compiled)
     if profile_ops:
-        result["op_profile"] = trace_ops.op_times(train_once, steps)
+        result["op_profile"] = trace_ops.op_times(train_once, steps, train_compiled.as_text())
     if data:
         result |= _time_with_pipeline(parts, holder, data, data_path, size, spec.in_channels,
                                       batch_size, steps, repeats, mesh)

@@ -3,8 +3,11 @@
 `op_times(run_once, steps)` traces `steps` calls of a jitted step, reads the Perfetto JSON that
 jax.profiler writes, and adds up the duration of every XLA op event. The result is time per step,
 grouped by op kind ("transpose_copy_fusion.30" counts as "transpose_copy_fusion") and by category
-(convolution, transpose, reduction, other fusions and ops). Host frames (Python, dispatch,
-runtime waits) are left out. The step's wall time comes with the result, so the two can be compared.
+(convolution, transpose, reduction, other fusions and ops), and the slowest single instructions,
+each with the JAX operation it came from (the `op_name` metadata of the compiled HLO, which names the
+layer: "transpose(jvp(LeNet5))/c3/conv_general_dilated" is C3's backward convolution). Host frames
+(Python, dispatch, runtime waits) are left out. The step's wall time comes with the result, so the
+two can be compared.
 
 On XLA:CPU each op event covers the op's run on one of the intra-op threads, so the op times add up
 thread time and can exceed the wall time. Large Eigen convolutions (YNN fusions off) are the
@@ -47,26 +50,44 @@ def _is_op(name: str) -> bool:
                 or name in RUNTIME_EVENTS)
 
 
-def parse_trace(events: list[dict], steps: int) -> dict[str, Any]:
-    """{"ops": {kind: (ms per step, calls per step)}, "categories": {name: ms per step}}."""
-    ms = collections.Counter()
-    calls = collections.Counter()
+def parse_trace(events: list[dict], steps: int, top: int = 15) -> dict[str, Any]:
+    """{"ops": {kind: (ms per step, calls per step)}, "categories": {name: ms per step},
+    "top_instructions": [[instruction name, ms per step, calls per step], ...]} (the `top` slowest)."""
+    ms, calls = collections.Counter(), collections.Counter()
+    by_name, name_calls = collections.Counter(), collections.Counter()
     for event in events:
         if event.get("ph") != "X" or not _is_op(event.get("name", "")):
             continue
         kind = re.sub(r"[.\d]+$", "", event["name"]) or event["name"]
         ms[kind] += event.get("dur", 0) / 1e3 / steps
         calls[kind] += 1
+        by_name[event["name"]] += event.get("dur", 0) / 1e3 / steps
+        name_calls[event["name"]] += 1
     categories = collections.Counter()
     for kind, value in ms.items():
         categories[_category(kind)] += value
     return {"ops": {kind: (value, calls[kind] / steps) for kind, value in ms.most_common()},
-            "categories": dict(categories.most_common())}
+            "categories": dict(categories.most_common()),
+            "top_instructions": [[name, value, name_calls[name] / steps]
+                                 for name, value in by_name.most_common(top)]}
 
 
-def op_times(run_once: Callable[[], Any], steps: int = 5) -> dict[str, Any]:
+# `%name = shape opcode(...), ..., metadata={op_name="jit(f)/Model/layer/op" ...}` in HLO text.
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = [^\n]*?metadata=\{[^}\n]*?op_name="([^"]*)"',
+                          re.MULTILINE)
+
+
+def op_sources(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> the JAX operation it came from (`op_name` metadata: the module path, so
+    the layer), read from a compiled module's text, the leading "jit(...)/" dropped."""
+    return {name: re.sub(r"^jit\([^)]*\)/", "", op_name)
+            for name, op_name in _INSTRUCTION.findall(hlo_text)}
+
+
+def op_times(run_once: Callable[[], Any], steps: int = 5, hlo_text: str = "") -> dict[str, Any]:
     """parse_trace of `steps` traced calls of `run_once` (already compiled and warmed up), plus
-    "wall_ms_per_step"."""
+    "wall_ms_per_step"; with the compiled step's `hlo_text`, each top instruction also names the
+    JAX operation (and so the layer) it came from."""
     with tempfile.TemporaryDirectory() as directory:
         with jax.profiler.trace(directory, create_perfetto_trace=True):
             start = time.perf_counter()
@@ -79,7 +100,11 @@ def op_times(run_once: Callable[[], Any], steps: int = 5) -> dict[str, Any]:
         with gzip.open(paths[0]) as f:
             trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    return {"wall_ms_per_step": 1e3 * wall, **parse_trace(events, steps)}
+    profile = parse_trace(events, steps)
+    sources = op_sources(hlo_text)
+    for row in profile["top_instructions"]:
+        row.append(sources.get(row[0], ""))
+    return {"wall_ms_per_step": 1e3 * wall, **profile}
 
 
 def format_op_times(profile: dict[str, Any], top: int = 15) -> list[str]:
@@ -92,4 +117,8 @@ def format_op_times(profile: dict[str, Any], top: int = 15) -> list[str]:
     lines.append(f"  top {top} op kinds (ms per step, calls per step):")
     lines += [f"    {kind:40s} {value:9.2f} ms  x{count:g}"
               for kind, (value, count) in list(profile["ops"].items())[:top]]
+    if profile.get("top_instructions"):
+        lines.append("  slowest instructions (ms per step, calls per step, where from):")
+        lines += [f"    {row[0]:32s} {row[1]:9.2f} ms  x{row[2]:g}  {row[3] if len(row) > 3 else ''}"
+                  for row in profile["top_instructions"][:top]]
     return lines

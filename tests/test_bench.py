@@ -52,7 +52,11 @@ def test_profile_attributes_the_step_to_ops(lenet_json):
     assert profile["wall_ms_per_step"] > 0
     assert profile["categories"]["convolution"] > 0  # LeNet's convolutions are ops of the step
     assert all(not kind.startswith("$") and "::" not in kind for kind in profile["ops"])
-    assert "op profile:" in bench.format_report(lenet_json)
+    # the slowest instructions name their layer, e.g. "transpose(jvp(LeNet5))/c3/conv_general_dilated"
+    sources = [row[3] for row in profile["top_instructions"]]
+    assert any(source.split("/")[1:2] in (["c1"], ["c3"], ["c5"]) for source in sources), sources
+    report = bench.format_report(lenet_json)
+    assert "op profile:" in report and "slowest instructions" in report
 
 
 def test_parse_trace_groups_op_kinds_per_step():
@@ -66,6 +70,18 @@ def test_parse_trace_groups_op_kinds_per_step():
     profile = trace_ops.parse_trace(events, steps=2)
     assert profile["ops"]["transpose_copy_fusion"] == (3.0, 1.0)  # ms and calls per step
     assert profile["categories"] == {"transpose": 3.0, "convolution": 0.5, "reduction": 0.25}
+    assert profile["top_instructions"][0] == ["transpose_copy_fusion.3", 2.0, 0.5]
+    assert len(profile["top_instructions"]) == 4
+
+
+def test_op_sources_map_instructions_to_their_jax_operation():
+    hlo = """ENTRY %main.4 (x.1: f32[4,4]) -> f32[4,4] {
+  %x.1 = f32[4,4]{1,0} parameter(0), metadata={op_name="x"}
+  %dot.2 = f32[4,4]{1,0} dot(%x.1, %x.1), metadata={op_name="jit(step)/Net/dense/dot_general" stack_frame_id=3}
+  ROOT %tanh_fusion = f32[4,4]{1,0} fusion(%dot.2), kind=kLoop, metadata={op_name="jit(step)/Net/tanh"}
+}"""
+    assert trace_ops.op_sources(hlo) == {"x.1": "x", "dot.2": "Net/dense/dot_general",
+                                         "tanh_fusion": "Net/tanh"}
 
 
 def test_report_formats_without_torch(lenet_json):
