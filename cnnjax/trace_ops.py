@@ -119,6 +119,7 @@ def format_op_times(profile: dict[str, Any], top: int = 15) -> list[str]:
               for kind, (value, count) in list(profile["ops"].items())[:top]]
     if profile.get("top_instructions"):
         lines.append("  slowest instructions (ms per step, calls per step, where from):")
-        lines += [f"    {row[0]:32s} {row[1]:9.2f} ms  x{row[2]:g}  {row[3] if len(row) > 3 else ''}"
+        lines += [f"    {row[0]:32s} {row[1]:9.2f} ms  x{row[2]:g}  "
+                  f"{(row[3] if len(row) > 3 else '') or '(no op_name in the HLO)'}"
                   for row in profile["top_instructions"][:top]]
     return lines
