@@ -33,12 +33,14 @@ PLANS = {
                 batch={"lenet5": 512, "resnet20": 512, "resnet18": 512, **{m: 256 for m, s in SUITE
                                                                             if s == 224}},
                 sweeps={"resnet50": [32, 64, 128, 256, 512], "resnet20": [64, 128, 256, 512, 1024]},
-                compile_only=["resnet152", "densenet201"], torch=True),
+                compile_only=["resnet152", "densenet201"], torch=True,
+                epoch={"resnet20": 512, "resnet18": 512}),
     # 2 CPU cores: the 32px nets with small batches and few steps; the 224px nets wait for a GPU.
     "cpu": dict(precision="fp32", steps=5, repeats=3,
                 batch={"lenet5": 128, "resnet20": 128, "resnet18": 32},
                 sweeps={"resnet20": [16, 32, 64, 128]},
-                compile_only=["resnet152", "densenet201"], torch=True),
+                compile_only=["resnet152", "densenet201"], torch=True,
+                epoch={"resnet20": None, "resnet18": None}),  # 50,000 images: hours on 2 cores
 }
 TORCH_MODELS_WITHOUT_TORCHVISION = ("lenet5", "resnet20")
 
@@ -79,11 +81,18 @@ def _torch_available() -> tuple[bool, bool]:
     return tuple(importlib.util.find_spec(m) is not None for m in ("torch", "torchvision"))
 
 
+def epoch_command(model: str, batch: int, plan: dict, *, torch: bool) -> list[str]:
+    """A CIFAR epoch (50,000 images, device-resident data, augmentation) against torch.compile."""
+    cmd = [sys.executable, "-m", "cnnjax.bench_epoch", model, "--batch-size", str(batch),
+           "--precision", plan["precision"], "--json"]
+    return [*cmd, "--compare-torch"] if torch else cmd
+
+
 def run_plan(plan_name: str, only: set[str], timeout: float, xla_flags: str = ""
-             ) -> tuple[list, list, list]:
+             ) -> tuple[list, list, list, list]:
     plan = PLANS[plan_name]
     has_torch, has_torchvision = _torch_available()
-    runs, sweeps, compiles = [], [], []
+    runs, sweeps, compiles, epochs = [], [], [], []
     for model, size in SUITE:
         name = f"{model}@{size}"
         if only and model not in only:
@@ -108,7 +117,17 @@ def run_plan(plan_name: str, only: set[str], timeout: float, xla_flags: str = ""
             continue
         cmd = bench_command(model, 224, 32, plan, torch=False, compile_only=True)
         compiles.append(run_one(f"{model}@224", cmd, timeout, xla_flags))
-    return runs, sweeps, compiles
+    for model, batch in plan["epoch"].items():
+        if only and model not in only:
+            continue
+        if batch is None:
+            epochs.append({"name": f"{model}@32", "skipped": "needs GPU session"})
+            continue
+        torch = plan["torch"] and has_torch and (
+            has_torchvision or model in TORCH_MODELS_WITHOUT_TORCHVISION)
+        epochs.append(run_one(f"{model}@32", epoch_command(model, batch, plan, torch=torch),
+                              timeout, xla_flags))
+    return runs, sweeps, compiles, epochs
 
 
 def _fmt(value, spec: str = ",.1f") -> str:
@@ -151,8 +170,28 @@ def _options_line(runs: list[dict]) -> str:
     return "XLA compiler options of the train/eval steps (cnnjax/xla_options.py): " + "; ".join(parts)
 
 
-def render(runs: list[dict], sweeps: list[dict], compiles: list[dict], meta: dict) -> str:
-    """The generated part of RESULTS.md: provenance, suite table, batch sweeps, deep-net compile times."""
+def _epoch_rows(epochs: list[dict]) -> list[str]:
+    lines = ["## One CIFAR epoch, device-resident data (cnnjax.bench_epoch)", "",
+             "| model | batch | precision | images | cnnjax s | torch.compile s | speed-up |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for run in epochs:
+        r = run.get("result")
+        if r is None:
+            why = run.get("skipped") or f"failed: {run.get('error')}"
+            lines.append(f"| {run['name']} | | | | {why} | | |")
+            continue
+        torch_s = r.get("torch_epoch_seconds", r.get("torch_skipped", "-"))
+        speedup = f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else "-"
+        lines.append(f"| {run['name']} | {r['batch_size']} | {r['precision']} "
+                     f"| {r['steps_per_epoch'] * r['batch_size']:,} | {r['epoch_seconds']:.2f} "
+                     f"| {_fmt(torch_s, '.2f')} | {speedup} |")
+    return [*lines, ""]
+
+
+def render(runs: list[dict], sweeps: list[dict], compiles: list[dict], meta: dict,
+           epochs: list[dict] = ()) -> str:
+    """The generated part of RESULTS.md: provenance, suite table, batch sweeps, deep-net compile
+    times, CIFAR epochs."""
     lines = ["# Benchmark results", "",
              f"- device: {meta['device']}", f"- date: {meta['date']}",
              f"- versions: {meta['versions']}", f"- command: `{meta['command']}`",
@@ -177,7 +216,9 @@ def render(runs: list[dict], sweeps: list[dict], compiles: list[dict], meta: dic
                      f"{r['eval_compile_seconds']:.1f}") if r else f" | failed: {run['error']} | |"
             lines.append(f"| {run['name']} | {cells} |")
         lines.append("")
-    commands = [run["command"] for run in [*runs, *sweeps, *compiles] if "command" in run]
+    if epochs:
+        lines += _epoch_rows(epochs)
+    commands = [run["command"] for run in [*runs, *sweeps, *compiles, *epochs] if "command" in run]
     lines += ["Commands:", "", *(f"    {c}" for c in commands), ""]
     return "\n".join(lines)
 
@@ -226,11 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     if plan == "auto":
         plan = "cpu" if meta["device"].startswith("cpu") else "gpu"
     only = {m for m in args.only.split(",") if m}
-    runs, sweeps, compiles = run_plan(plan, only, args.timeout, args.xla_flags)
-    text = render(runs, sweeps, compiles, meta)
+    runs, sweeps, compiles, epochs = run_plan(plan, only, args.timeout, args.xla_flags)
+    text = render(runs, sweeps, compiles, meta, epochs)
     write_results(Path(args.out), text)
     if args.json_out:
-        raw = {"meta": meta, "runs": runs, "sweeps": sweeps, "compiles": compiles}
+        raw = {"meta": meta, "runs": runs, "sweeps": sweeps, "compiles": compiles, "epochs": epochs}
         Path(args.json_out).write_text(json.dumps(raw, indent=1))
     print(text)
     return 0

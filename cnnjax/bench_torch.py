@@ -192,3 +192,71 @@ def run_torch_benchmark(
     if rates:
         result["best_train_images_per_second"] = max(rates)
     return result
+
+
+def _augment(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, flip: bool,
+             padding: int = 4) -> torch.Tensor:
+    """CIFAR augmentation on the device, per example: a random crop of the zero-padded uint8 images
+    [B, C, H, W], a random horizontal flip (RGB only), then normalisation; channels_last float."""
+    b, c, h, w = images.shape
+    device = images.device
+    padded = nn.functional.pad(images, (padding,) * 4)
+    top = torch.randint(0, 2 * padding + 1, (b, 1), device=device) + torch.arange(h, device=device)
+    left = torch.randint(0, 2 * padding + 1, (b, 1), device=device) + torch.arange(w, device=device)
+    rows = torch.arange(b, device=device)[:, None, None, None]
+    chans = torch.arange(c, device=device)[None, :, None, None]
+    x = padded[rows, chans, top[:, None, :, None], left[:, None, None, :]]
+    if flip:
+        mirrored = torch.rand(b, device=device) < 0.5
+        x = torch.where(mirrored[:, None, None, None], x.flip(3), x)
+    x = (x.float() / 255 - mean) / std
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def run_torch_epoch(
+    name: str, *, num_train: int, batch_size: int, image_size: int, in_channels: int,
+    num_classes: int, precision: str = "fp32", epochs: int = 2, mode: str = "compile",
+) -> dict[str, Any]:
+    """Seconds per epoch of `num_train // batch_size` steps with the uint8 training set on the
+    device, a fresh permutation per epoch and `_augment` on each batch (what cnnjax.bench_epoch
+    compares against). SGD with momentum 0.9 and cross-entropy, as in `_one_mode`."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (num_train, in_channels, image_size, image_size),
+                           dtype=torch.uint8, device=device)
+    labels = torch.randint(0, num_classes, (num_train,), device=device)
+    rgb = in_channels == 3
+    mean = torch.tensor((0.4914, 0.4822, 0.4465) if rgb else (0.5,), device=device)[:, None, None]
+    std = torch.tensor((0.2470, 0.2435, 0.2616) if rgb else (0.25,), device=device)[:, None, None]
+    model, source = build_torch_model(name, num_classes=num_classes, in_channels=in_channels)
+    model = model.to(device, memory_format=torch.channels_last).train()
+    net = torch.compile(model) if mode == "compile" else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    steps = num_train // batch_size
+
+    def train_once(idx: torch.Tensor) -> torch.Tensor:
+        x = _augment(images[idx], mean, std, flip=rgb)
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = loss_fn(net(x).float(), labels[idx])
+        loss.backward()
+        opt.step()
+        return loss
+
+    start = time.perf_counter()
+    train_once(torch.randperm(num_train, device=device)[:batch_size])  # compiles under torch.compile
+    _sync(device)
+    warmup = time.perf_counter() - start
+    times = []
+    for _ in range(epochs):
+        _sync(device)
+        start = time.perf_counter()
+        order = torch.randperm(num_train, device=device)
+        for step in range(steps):
+            loss = train_once(order[step * batch_size:(step + 1) * batch_size])
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return {"version": torch.__version__, "device": str(device), "source": source, "mode": mode,
+            "warmup_seconds": warmup, "epoch_seconds": statistics.median(times),
+            "epoch_seconds_all": times, "loss_is_finite": bool(torch.isfinite(loss).item())}

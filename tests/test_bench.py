@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from cnnjax import bench, compile_cache, profile, trace_ops
+from cnnjax import bench, bench_epoch, compile_cache, profile, trace_ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import run as bench_suite  # noqa: E402  (benchmarks/run.py is a script, not a package)
@@ -161,6 +161,42 @@ def test_torch_benchmark_keys():
     assert result["eager_train_images_per_second"] > 0 and result["best_train_images_per_second"] > 0
 
 
+def test_epoch_benchmark_runs_epochs_of_the_resident_pipeline(capsys):
+    assert bench_epoch.main(["lenet5", "--num-train", "70", "--batch-size", "16", "--epochs", "2",
+                             "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["steps_per_epoch"] == 4 and r["num_train"] == 70  # 70 // 16 whole batches
+    assert len(r["epoch_seconds_all"]) == 2 and r["epoch_seconds"] > 0 and r["loss_is_finite"]
+    assert r["images_per_second"] == pytest.approx(64 / r["epoch_seconds"])
+    assert "speed-up" not in bench_epoch.format_report(r)
+    pipeline = bench_epoch.synthetic_pipeline(num_train=32, image_size=32, channels=3,
+                                              num_classes=10, batch_size=8,
+                                              mesh=bench.distributed.make_mesh())
+    assert pipeline.resident and pipeline._aug.random_crop_padding == 4 and pipeline._aug.hflip
+
+
+def test_epoch_benchmark_rejects_an_epoch_smaller_than_a_batch(capsys):
+    assert bench_epoch.main(["lenet5", "--num-train", "8", "--batch-size", "16"]) == 2
+    assert "--num-train (8) >= --batch-size (16)" in capsys.readouterr().err
+
+
+def test_torch_augmentation_crops_flips_and_normalises():
+    torch = pytest.importorskip("torch")
+    from cnnjax import bench_torch
+
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    mean, std = torch.full((3, 1, 1), 0.5), torch.full((3, 1, 1), 0.25)
+    same = bench_torch._augment(images, mean, std, flip=False, padding=0)
+    assert torch.allclose(same, (images.float() / 255 - 0.5) / 0.25)
+    out = bench_torch._augment(images, mean, std, flip=True, padding=2)
+    raw = out * 0.25 + 0.5  # back to 0..1
+    padded = torch.nn.functional.pad(images.float() / 255, (2,) * 4)
+    for b in range(6):  # each output is some 8x8 window of the padded image, maybe mirrored
+        windows = [padded[b, :, i:i + 8, j:j + 8] for i in range(5) for j in range(5)]
+        assert any(torch.allclose(raw[b], w, atol=1e-5) or torch.allclose(raw[b], w.flip(2), atol=1e-5)
+                   for w in windows)
+
+
 def test_suite_renders_markdown_with_provenance():
     row = {"model": "lenet5", "image_size": 32, "batch_size": 8, "precision": "fp32",
            "compile_seconds": 1.0, "trace_seconds": 0.1, "train_images_per_second": 10.0,
@@ -177,3 +213,11 @@ def test_suite_renders_markdown_with_provenance():
     assert "python run.py" in text and "jax x" in text
     assert ("(cnnjax/xla_options.py): lenet5: xla_cpu_experimental_ynn_fusion_type=''; "
             "resnet18: XLA's default") in text
+    epoch = {"batch_size": 512, "precision": "bf16", "steps_per_epoch": 97, "epoch_seconds": 2.0,
+             "torch_epoch_seconds": 3.0, "speedup_vs_torch": 1.5}
+    text = bench_suite.render(runs, [], [], {"device": "gpu", "date": "d", "versions": "v",
+                                             "command": "c"},
+                              epochs=[{"name": "resnet20@32", "command": "e", "result": epoch},
+                                      {"name": "resnet18@32", "skipped": "needs GPU session"}])
+    assert "| resnet20@32 | 512 | bf16 | 49,664 | 2.00 | 3.00 | 1.50x |" in text
+    assert "| resnet18@32 | | | | needs GPU session | | |" in text
