@@ -220,6 +220,10 @@ def run_torch_epoch(
     """Seconds per epoch of `num_train // batch_size` steps with the uint8 training set on the
     device, a fresh permutation per epoch and `_augment` on each batch (what cnnjax.bench_epoch
     compares against). SGD with momentum 0.9 and cross-entropy, as in `_one_mode`."""
+    steps = num_train // batch_size
+    if steps < 1 or epochs < 1:
+        raise ValueError(f"an epoch needs num_train ({num_train}) >= batch_size ({batch_size}), "
+                         f"and epochs ({epochs}) >= 1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     images = torch.randint(0, 256, (num_train, in_channels, image_size, image_size),
@@ -233,7 +237,6 @@ def run_torch_epoch(
     net = torch.compile(model) if mode == "compile" else model
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
-    steps = num_train // batch_size
 
     def train_once(idx: torch.Tensor) -> torch.Tensor:
         x = _augment(images[idx], mean, std, flip=rgb)

@@ -195,6 +195,9 @@ def test_torch_augmentation_crops_flips_and_normalises():
         windows = [padded[b, :, i:i + 8, j:j + 8] for i in range(5) for j in range(5)]
         assert any(torch.allclose(raw[b], w, atol=1e-5) or torch.allclose(raw[b], w.flip(2), atol=1e-5)
                    for w in windows)
+    with pytest.raises(ValueError, match=r"num_train \(4\) >= batch_size \(8\)"):
+        bench_torch.run_torch_epoch("lenet5", num_train=4, batch_size=8, image_size=32,
+                                    in_channels=1, num_classes=10)
 
 
 def test_suite_renders_markdown_with_provenance():
