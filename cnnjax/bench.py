@@ -230,6 +230,17 @@ def compare_torch(result: dict[str, Any], *, steps: int, repeats: int,
     return out
 
 
+def with_torch(result: dict[str, Any], compare: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """`result` plus `compare()`'s PyTorch numbers, or "torch_skipped" saying why there are none
+    (torch not installed, or no torch equivalent of the model)."""
+    try:
+        return result | compare()
+    except ImportError as err:
+        return result | {"torch_skipped": f"torch not importable: {err}"}
+    except ValueError as err:  # no torch equivalent of this model here
+        return result | {"torch_skipped": str(err)}
+
+
 def format_report(r: dict[str, Any]) -> str:
     """The human-readable summary printed without --json."""
     lines = [f"{r['model']} @ {r['image_size']}px, batch {r['batch_size']}, {r['precision']}, "
@@ -304,12 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             data_path=args.data_path, compile_only=args.compile_only, profile_ops=args.profile)
         if args.compare_torch and not args.compile_only:
             modes = tuple(m for m in args.torch_modes.split(",") if m)
-            try:
-                result |= compare_torch(result, steps=args.steps, repeats=args.repeats, modes=modes)
-            except ImportError as err:
-                result["torch_skipped"] = f"torch not importable: {err}"
-            except ValueError as err:  # no torch equivalent of this model here
-                result["torch_skipped"] = str(err)
+            result = with_torch(result, lambda: compare_torch(
+                result, steps=args.steps, repeats=args.repeats, modes=modes))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -141,12 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                                      num_train=args.num_train, image_size=args.image_size,
                                      precision=args.precision, epochs=args.epochs)
         if args.compare_torch:
-            try:
-                result |= compare_torch(result, args.torch_mode)
-            except ImportError as err:
-                result["torch_skipped"] = f"torch not importable: {err}"
-            except ValueError as err:  # no torch equivalent of this model here
-                result["torch_skipped"] = str(err)
+            result = bench.with_torch(result, lambda: compare_torch(result, args.torch_mode))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -175,6 +175,20 @@ def test_epoch_benchmark_runs_epochs_of_the_resident_pipeline(capsys):
     assert pipeline.resident and pipeline._aug.random_crop_padding == 4 and pipeline._aug.hflip
 
 
+def test_torch_comparison_is_skipped_with_the_reason():
+    def missing():
+        raise ImportError("No module named 'torch'")
+
+    def no_equivalent():
+        raise ValueError("no PyTorch equivalent of 'x' here")
+
+    assert bench.with_torch({"a": 1}, lambda: {"torch_b": 2}) == {"a": 1, "torch_b": 2}
+    assert bench.with_torch({"a": 1}, missing)["torch_skipped"] == (
+        "torch not importable: No module named 'torch'")
+    assert bench.with_torch({"a": 1}, no_equivalent) == {
+        "a": 1, "torch_skipped": "no PyTorch equivalent of 'x' here"}
+
+
 def test_epoch_benchmark_rejects_an_epoch_smaller_than_a_batch(capsys):
     assert bench_epoch.main(["lenet5", "--num-train", "8", "--batch-size", "16"]) == 2
     assert "--num-train (8) >= --batch-size (16)" in capsys.readouterr().err
