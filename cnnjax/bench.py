@@ -302,26 +302,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def emit(measure: Callable[[], dict[str, Any]], as_json: bool,
+         report: Callable[[dict[str, Any]], str]) -> int:
+    """A benchmark CLI's ending: print `measure()` as one JSON object or as `report`'s text and
+    return 0, or print a bad input's one-line error (a ValueError) and return 2."""
+    try:
+        result = measure()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if as_json else report(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.compile_cache:
         from cnnjax.compile_cache import enable_compilation_cache
 
         enable_compilation_cache(args.compile_cache)
-    try:
+
+    def measure() -> dict[str, Any]:
         result = run_benchmark(
             args.model, batch_size=args.batch_size, image_size=args.image_size,
             precision=args.precision, steps=args.steps, repeats=args.repeats, data=args.data,
             data_path=args.data_path, compile_only=args.compile_only, profile_ops=args.profile)
-        if args.compare_torch and not args.compile_only:
-            modes = tuple(m for m in args.torch_modes.split(",") if m)
-            result = with_torch(result, lambda: compare_torch(
-                result, steps=args.steps, repeats=args.repeats, modes=modes))
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(result) if args.json else format_report(result))
-    return 0
+        if not args.compare_torch or args.compile_only:
+            return result
+        modes = tuple(m for m in args.torch_modes.split(",") if m)
+        return with_torch(result, lambda: compare_torch(
+            result, steps=args.steps, repeats=args.repeats, modes=modes))
+
+    return emit(measure, args.json, format_report)
 
 
 if __name__ == "__main__":

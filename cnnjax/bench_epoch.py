@@ -17,7 +17,6 @@ epoch time of `--epochs` epochs, measured with the device synchronised at the en
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -136,17 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-mode", default="compile", choices=["compile", "eager"])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    try:
+
+    def measure() -> dict[str, Any]:
         result = run_epoch_benchmark(args.model, batch_size=args.batch_size,
                                      num_train=args.num_train, image_size=args.image_size,
                                      precision=args.precision, epochs=args.epochs)
-        if args.compare_torch:
-            result = bench.with_torch(result, lambda: compare_torch(result, args.torch_mode))
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(result) if args.json else format_report(result))
-    return 0
+        if not args.compare_torch:
+            return result
+        return bench.with_torch(result, lambda: compare_torch(result, args.torch_mode))
+
+    return bench.emit(measure, args.json, format_report)
 
 
 if __name__ == "__main__":

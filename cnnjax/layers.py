@@ -128,9 +128,9 @@ def cpu_conv_form(lhs_shape: Sequence[int], rhs_shape: Sequence[int], padding: A
         return "whole"
     if c_in <= TAPS_MAX_CHANNELS and kh * kw * c_in <= TAPS_MAX_TERMS:
         return "taps"
-    pads = padding if isinstance(padding, str) else [p for pair in padding for p in pair]
+    pads = pad_pairs(lhs_shape[1:3], (kh, kw), window_strides, padding)
     if (c_in <= NARROW_MAX_CHANNELS and all(s == 1 for s in window_strides)
-            and (isinstance(pads, str) or min(pads) >= 0)):
+            and min(p for pair in pads for p in pair) >= 0):
         return "narrow"
     return None
 
