@@ -77,7 +77,7 @@ def pad_pairs(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[i
 # XLA:CPU runs every convolution through one generic kernel. Four common shapes have a faster form
 # on CPU, chosen at lowering time by `lax.platform_dependent`, so GPUs and TPUs compile the plain
 # convolution and the CPU program holds only the rewritten one. Same parameters, same results up to
-# float rounding. `CNNJAX_CPU_REWRITES=off` turns all four off.
+# float rounding. `CNNJAX_CPU_REWRITES=off` turns all four off, and the stored input below.
 #
 # - "pointwise": a 1x1 kernel (bottlenecks, MobileNet's pointwise layers, DenseNet's transitions) is
 #   a matrix product over channels. Its weight gradient is then a GEMM, where XLA:CPU's convolution
@@ -93,6 +93,14 @@ def pad_pairs(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[i
 #   per kernel row plus shifted adds. XLA:CPU's kernel builds [kh * kw * C_out]-wide patches of the
 #   output gradient for a product only C_in columns wide; the row GEMMs ran 1.2x to 4.5x faster below
 #   8 input channels, mixed at 8, even at 12 and 5x slower at 16 (benchmarks/RESULTS.md).
+#
+# Every convolution on CPU, whatever its form, also gets a "stored input" for its backward pass.
+# XLA:CPU computes a weight gradient over the input copied from NHWC to CHWN, and it fuses the
+# elementwise work that produced the input (batch norm, ReLU, a ResNet's whole residual stream) into
+# that copy, so the backward pass recomputed it from up to 20 operands: over half of resnet20's op
+# time went to these copies. Under differentiation the input passes through a `lax.cond`, which XLA
+# cannot fuse across, so the copy reads the stored input once. resnet20 trains 1.24x faster,
+# LeNet-5 1.38x; the larger nets measured within noise (benchmarks/RESULTS.md).
 
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 TAPS_MAX_CHANNELS = 3
@@ -193,7 +201,7 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
         preferred_element_type=preferred_element_type)
     form = cpu_conv_form(lhs.shape, rhs.shape, padding, lhs_dilation, rhs_dilation,
                          dimension_numbers, feature_group_count, strides)
-    if form is None or not cpu_rewrites_enabled():
+    if not cpu_rewrites_enabled():
         return conv(lhs, rhs)
     dot = functools.partial(lax.dot_general, precision=precision,
                             preferred_element_type=preferred_element_type)
@@ -232,8 +240,34 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
         return _row_input_gradient(g, w, x.shape, padding).astype(x.dtype), w_grad
 
     narrow.defvjp(narrow_fwd, narrow_bwd)
-    forms = {"pointwise": pointwise, "whole": whole, "taps": taps, "narrow": narrow}
-    return lax.platform_dependent(lhs, rhs, cpu=forms[form], default=conv)
+    cpu = {"pointwise": pointwise, "whole": whole, "taps": taps, "narrow": narrow}.get(form, conv)
+    return lax.platform_dependent(lhs, rhs, cpu=lambda x, w: cpu(_stored(x, _first(w)), w),
+                                  default=conv)
+
+
+def _first(w: Array) -> Array:
+    return lax.stop_gradient(w.reshape(-1)[0])
+
+
+@jax.custom_vjp
+def _stored(x: Array, w0: Array) -> Array:
+    """x itself. Under differentiation it passes through a `lax.cond`, which XLA cannot fuse across,
+    so the backward pass reads the stored x instead of recomputing it ("stored input" above).
+    w0, the kernel's first entry, is the condition: a value XLA cannot fold."""
+    return x
+
+
+def _stored_fwd(x: Array, w0: Array) -> tuple[Array, None]:
+    # The second branch runs only when the kernel holds a NaN, where the convolution's output and
+    # gradients are NaN whatever its input; a second identity branch would let XLA drop the cond.
+    return lax.cond(w0 == w0, lambda v: v, lambda v: v + w0.astype(v.dtype), x), None
+
+
+def _stored_bwd(_: None, g: Array) -> tuple[Array, None]:
+    return g, None
+
+
+_stored.defvjp(_stored_fwd, _stored_bwd)
 
 
 class Conv(nn.Conv):

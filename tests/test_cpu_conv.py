@@ -1,5 +1,8 @@
-"""The CPU forms of `layers.Conv` (pointwise, whole-input, input taps, narrow input): same values and
-gradients as XLA's convolution, used on CPU only, with the parameters of `nn.Conv`, and an opt-out."""
+"""The CPU forms of `layers.Conv` (pointwise, whole-input, input taps, narrow input) and the stored
+input of its backward pass: same values and gradients as XLA's convolution, used on CPU only, with
+the parameters of `nn.Conv`, and an opt-out."""
+
+import re
 
 import chex
 import flax.linen as nn
@@ -77,6 +80,40 @@ def test_cpu_forms_compile_without_a_convolution_and_opt_out_restores_it(monkeyp
     assert " convolution(" not in _hlo(x_shape, w_shape, gradient)
     monkeypatch.setenv("CNNJAX_CPU_REWRITES", "off")
     assert " convolution(" in _hlo(x_shape, w_shape, gradient)
+
+
+def _fused_computations_with(hlo_text, *ops):
+    computations = re.split(r"\n(?=%?\S+ \(|ENTRY)", hlo_text)
+    return [c.split(" ", 1)[0] for c in computations if all(f" {op}(" in c for op in ops)]
+
+
+def test_cpu_backward_reads_the_stored_input_instead_of_recomputing_it(monkeypatch):
+    # 8 input channels: XLA's own kernel, whose weight gradient copies the input to CHWN.
+    x, w, g = jnp.ones((4, 8, 8, 8)), jnp.ones((3, 3, 8, 8)), jnp.ones((4, 8, 8, 8))
+    ours = _ours((1, 1), "SAME")
+
+    def f(x, w):  # the input is a ReLU's output, as in every ResNet block
+        return ours(jnp.maximum(x * 2.0 - 1.0, 0.0), w)
+
+    def gradient_hlo():
+        return jax.jit(lambda x, w, g: jax.vjp(f, x, w)[1](g)).lower(x, w, g).compile().as_text()
+
+    monkeypatch.delenv("CNNJAX_CPU_REWRITES", raising=False)
+    hlo = gradient_hlo()
+    assert " conditional(" in hlo and not _fused_computations_with(hlo, "transpose", "maximum")
+    # The forward pass alone (evaluation) stores nothing.
+    assert " conditional(" not in jax.jit(f).lower(x, w).compile().as_text()
+    # Without it, XLA recomputes the ReLU inside the weight gradient's transposing copy.
+    monkeypatch.setenv("CNNJAX_CPU_REWRITES", "off")
+    hlo = gradient_hlo()
+    assert " conditional(" not in hlo and _fused_computations_with(hlo, "transpose", "maximum")
+
+
+def test_stored_input_keeps_a_nan_kernel_nan():
+    x, w = jnp.ones((1, 4, 4, 8)), jnp.ones((3, 3, 8, 2)).at[0, 0, 0, 0].set(jnp.nan)
+    out, vjp = jax.vjp(_ours((1, 1), "SAME"), x, w)
+    x_grad, w_grad = vjp(jnp.ones_like(out))
+    assert jnp.isnan(out).any() and jnp.isnan(x_grad).any() and jnp.isnan(w_grad).any()
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
