@@ -74,10 +74,10 @@ def pad_pairs(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[i
 
 # --- convolution on CPU ---------------------------------------------------------------------------
 #
-# XLA:CPU runs every convolution through one generic kernel. Four common shapes have a faster form
+# XLA:CPU runs every convolution through one generic kernel. Five common shapes have a faster form
 # on CPU, chosen at lowering time by `lax.platform_dependent`, so GPUs and TPUs compile the plain
 # convolution and the CPU program holds only the rewritten one. Same parameters, same results up to
-# float rounding. `CNNJAX_CPU_REWRITES=off` turns all four off, and the stored input below.
+# float rounding. `CNNJAX_CPU_REWRITES=off` turns all five off, and the stored input below.
 #
 # - "pointwise": a 1x1 kernel (bottlenecks, MobileNet's pointwise layers, DenseNet's transitions) is
 #   a matrix product over channels. Its weight gradient is then a GEMM, where XLA:CPU's convolution
@@ -93,6 +93,11 @@ def pad_pairs(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[i
 #   per kernel row plus shifted adds. XLA:CPU's kernel builds [kh * kw * C_out]-wide patches of the
 #   output gradient for a product only C_in columns wide; the row GEMMs ran 1.2x to 4.5x faster below
 #   8 input channels, mixed at 8, even at 12 and 5x slower at 16 (benchmarks/RESULTS.md).
+# - "depthwise": a depthwise layer (one filter per channel: MobileNet, EfficientNet) is a sum of
+#   kh * kw shifted slices times a per-channel weight, one fused loop with channels innermost, and
+#   so is its input gradient. Its weight gradient takes the kh * kw sums one image at a time. XLA:CPU's
+#   grouped convolution ran these layers' forward pass 15x to 66x slower and their gradient 8x to 29x
+#   slower; mobilenet_v2 trains 5x faster, efficientnet_b0 4x (benchmarks/RESULTS.md).
 #
 # Every convolution on CPU, whatever its form, also gets a "stored input" for its backward pass.
 # XLA:CPU computes a weight gradient over the input copied from NHWC to CHWN, and it fuses the
@@ -122,12 +127,19 @@ def _zero_padding(padding: Any) -> bool:
 def cpu_conv_form(lhs_shape: Sequence[int], rhs_shape: Sequence[int], padding: Any,
                   lhs_dilation: Any = None, rhs_dilation: Any = None, dimension_numbers: Any = _NHWC,
                   feature_group_count: int = 1, window_strides: Sequence[int] = (1, 1)) -> str | None:
-    """The CPU form of an NHWC convolution: 'pointwise', 'whole', 'taps', 'narrow', or None (XLA's
-    kernel)."""
-    if (len(lhs_shape) != 4 or dimension_numbers != _NHWC or feature_group_count != 1
+    """The CPU form of an NHWC convolution: 'pointwise', 'whole', 'taps', 'narrow', 'depthwise', or
+    None (XLA's kernel)."""
+    if (len(lhs_shape) != 4 or dimension_numbers != _NHWC
             or any(d != 1 for d in (lhs_dilation or ()))):
         return None
-    kh, kw, c_in, _ = rhs_shape
+    kh, kw, c_in, c_out = rhs_shape
+    if feature_group_count != 1:
+        depthwise = c_in == 1 and feature_group_count == lhs_shape[3] == c_out
+        pads = pad_pairs(lhs_shape[1:3], (kh, kw), window_strides, padding)
+        if (depthwise and all(d == 1 for d in (rhs_dilation or ()))
+                and min(p for pair in pads for p in pair) >= 0):
+            return "depthwise"
+        return None
     if (kh, kw) == (1, 1) and (padding == "SAME" or _zero_padding(padding)):
         return "pointwise"
     if any(d != 1 for d in (rhs_dilation or ())):
@@ -188,6 +200,50 @@ def _row_input_gradient(g: Array, w: Array, x_shape: Sequence[int], padding: Any
     return grad[:, top:top + x_shape[1], left:left + x_shape[2]]
 
 
+def _depthwise_windows(x: Array, kernel: Sequence[int], strides: Sequence[int],
+                       padding: Any) -> list[tuple[tuple[int, int], Array]]:
+    """For each kernel tap (i, j), the strided slice of zero-padded x ([N, H, W, C] or one image
+    [H, W, C]) that meets w[i, j]."""
+    (kh, kw), (sh, sw) = kernel, strides
+    pads = pad_pairs(x.shape[-3:-1], kernel, strides, padding)
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [*pads, (0, 0)])
+    h, wd = x.shape[-3:-1]
+    ho, wo = (h - kh) // sh + 1, (wd - kw) // sw + 1
+    return [((i, j), x[..., i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :])
+            for i in range(kh) for j in range(kw)]
+
+
+def _depthwise_tap_sum(x: Array, w: Array, strides: Sequence[int], padding: Any) -> Array:
+    """A depthwise convolution (w: [kh, kw, 1, C]) as the sum over taps of x's shifted slice times
+    w[i, j, 0]: one fused elementwise loop in fp32, channels innermost."""
+    wf = w.astype(jnp.float32)
+    out = None
+    for (i, j), window in _depthwise_windows(x.astype(jnp.float32), w.shape[:2], strides, padding):
+        out = window * wf[i, j, 0] if out is None else out + window * wf[i, j, 0]
+    return out.astype(jnp.result_type(x, w))
+
+
+def _depthwise_weight_gradient(x: Array, g: Array, kernel: Sequence[int], strides: Sequence[int],
+                               padding: Any) -> Array:
+    """dL/dw [kh, kw, 1, C] of a depthwise convolution, in fp32, one image at a time.
+
+    Each tap's gradient is a sum over the batch of its window times g. Over the whole batch XLA:CPU
+    reads x and g once per tap, from memory; a `lax.scan` over the images reads one image's x and g
+    into cache and takes all kh * kw sums from there (3x to 5x faster, benchmarks/RESULTS.md).
+    """
+    kh, kw = kernel
+
+    def one_image(total: Array, xg: tuple[Array, Array]) -> tuple[Array, None]:
+        xi, gi = xg
+        sums = [jnp.sum(window * gi, axis=(0, 1))
+                for _, window in _depthwise_windows(xi, kernel, strides, padding)]
+        return total + jnp.stack(sums), None
+
+    zero = jnp.zeros((kh * kw, x.shape[-1]), jnp.float32)
+    total, _ = lax.scan(one_image, zero, (x.astype(jnp.float32), g.astype(jnp.float32)))
+    return total.reshape(kh, kw, 1, -1)
+
+
 def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], padding: Any,
                          lhs_dilation: Any = None, rhs_dilation: Any = None,
                          dimension_numbers: Any = None, feature_group_count: int = 1,
@@ -240,7 +296,27 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
         return _row_input_gradient(g, w, x.shape, padding).astype(x.dtype), w_grad
 
     narrow.defvjp(narrow_fwd, narrow_bwd)
-    cpu = {"pointwise": pointwise, "whole": whole, "taps": taps, "narrow": narrow}.get(form, conv)
+
+    @jax.custom_vjp
+    def depthwise(x: Array, w: Array) -> Array:
+        return _depthwise_tap_sum(x, w, strides, padding)
+
+    def depthwise_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
+        return depthwise(x, w), (x, w)
+
+    def depthwise_bwd(residuals: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+        # The input gradient is the tap sum's own (each tap's g * w padded back into place, one
+        # fused loop); the weight gradient goes image by image. g is kept in memory first: that loop
+        # reads g at kh * kw shifts, and XLA would recompute the work behind g at each of them.
+        x, w = residuals
+        g = _kept(g, _first(w))
+        x_grad = jax.vjp(lambda x: _depthwise_tap_sum(x, w, strides, padding), x)[1](g)[0]
+        w_grad = _depthwise_weight_gradient(x, g, w.shape[:2], strides, padding)
+        return x_grad, w_grad.astype(w.dtype)
+
+    depthwise.defvjp(depthwise_fwd, depthwise_bwd)
+    cpu = {"pointwise": pointwise, "whole": whole, "taps": taps, "narrow": narrow,
+           "depthwise": depthwise}.get(form, conv)
     return lax.platform_dependent(lhs, rhs, cpu=lambda x, w: cpu(_stored(x, _first(w)), w),
                                   default=conv)
 
@@ -257,10 +333,15 @@ def _stored(x: Array, w0: Array) -> Array:
     return x
 
 
+def _kept(v: Array, w0: Array) -> Array:
+    """v, stored in memory: XLA cannot fuse the work that produced v into v's users across a cond.
+    The second branch runs only when the kernel holds a NaN, where the convolution's output and
+    gradients are NaN whatever v is; a second identity branch would let XLA drop the cond."""
+    return lax.cond(w0 == w0, lambda v: v, lambda v: v + w0.astype(v.dtype), v)
+
+
 def _stored_fwd(x: Array, w0: Array) -> tuple[Array, None]:
-    # The second branch runs only when the kernel holds a NaN, where the convolution's output and
-    # gradients are NaN whatever its input; a second identity branch would let XLA drop the cond.
-    return lax.cond(w0 == w0, lambda v: v, lambda v: v + w0.astype(v.dtype), x), None
+    return _kept(x, w0), None
 
 
 def _stored_bwd(_: None, g: Array) -> tuple[Array, None]:

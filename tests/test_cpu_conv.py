@@ -82,6 +82,53 @@ def test_cpu_forms_compile_without_a_convolution_and_opt_out_restores_it(monkeyp
     assert " convolution(" in _hlo(x_shape, w_shape, gradient)
 
 
+DEPTHWISE_CASES = [
+    ((2, 9, 9, 6), (3, 3, 1, 6), (1, 1), "SAME"),  # MobileNet's stride-1 layers
+    ((2, 10, 9, 5), (3, 3, 1, 5), (2, 2), [(1, 1), (1, 1)]),  # stride 2, odd width
+    ((2, 11, 11, 4), (5, 5, 1, 4), (2, 2), "SAME"),  # EfficientNet's 5x5
+    ((2, 8, 8, 4), (3, 3, 1, 4), (1, 2), [(0, 1), (2, 0)]),
+]
+
+
+def _depthwise(strides, padding, ours=True):
+    conv = layers.conv_general_dilated if ours else lax.conv_general_dilated
+    return lambda x, w: conv(x, w, strides, padding, dimension_numbers=layers._NHWC,
+                             feature_group_count=x.shape[-1])
+
+
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding", DEPTHWISE_CASES)
+def test_depthwise_form_matches_the_grouped_convolution_and_its_gradients(x_shape, w_shape, strides,
+                                                                          padding):
+    assert layers.cpu_conv_form(x_shape, w_shape, padding, feature_group_count=x_shape[-1],
+                                window_strides=strides) == "depthwise"
+    x = jax.random.normal(jax.random.key(0), x_shape)
+    w = jax.random.normal(jax.random.key(1), w_shape)
+    ours, xla = _depthwise(strides, padding), _depthwise(strides, padding, ours=False)
+
+    def loss(conv):
+        return lambda x, w: jnp.sum(jnp.sin(conv(x, w)))
+
+    chex.assert_trees_all_close(jax.jit(ours)(x, w), xla(x, w), atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(jax.jit(jax.grad(loss(ours), (0, 1)))(x, w),
+                                jax.grad(loss(xla), (0, 1))(x, w), atol=1e-4, rtol=1e-4)
+    # bf16 inputs: the taps add up in fp32 and the result comes back in bf16.
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    out = jax.jit(ours)(xb, wb)
+    assert out.dtype == jnp.bfloat16
+    chex.assert_trees_all_close(out.astype(jnp.float32), xla(xb.astype(jnp.float32), wb.astype(jnp.float32)),
+                                atol=3e-2, rtol=3e-2)
+
+
+def test_depthwise_form_compiles_without_a_convolution_and_other_groupings_keep_it(monkeypatch):
+    monkeypatch.delenv("CNNJAX_CPU_REWRITES", raising=False)
+    x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 1, 4))
+    grad = jax.jit(jax.grad(lambda x, w: jnp.sum(_depthwise((1, 1), "SAME")(x, w) ** 2), (0, 1)))
+    assert " convolution(" not in grad.lower(x, w).compile().as_text()
+    # A channel multiplier (8 outputs from 4 inputs) or AlexNet's two groups: XLA's kernel.
+    for w_shape, groups in (((3, 3, 1, 8), 4), ((3, 3, 2, 6), 2)):
+        assert layers.cpu_conv_form((2, 8, 8, 4), w_shape, "SAME", feature_group_count=groups) is None
+
+
 def _fused_computations_with(hlo_text, *ops):
     computations = re.split(r"\n(?=%?\S+ \(|ENTRY)", hlo_text)
     return [c.split(" ", 1)[0] for c in computations if all(f" {op}(" in c for op in ops)]
