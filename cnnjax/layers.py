@@ -224,14 +224,19 @@ def _depthwise_tap_sum(x: Array, w: Array, strides: Sequence[int], padding: Any)
 
 
 def _depthwise_weight_gradient(x: Array, g: Array, kernel: Sequence[int], strides: Sequence[int],
-                               padding: Any) -> Array:
-    """dL/dw [kh, kw, 1, C] of a depthwise convolution, in fp32, one image at a time.
+                               padding: Any, image_by_image: bool = True) -> Array:
+    """dL/dw [kh, kw, 1, C] of a depthwise convolution, in fp32.
 
     Each tap's gradient is a sum over the batch of its window times g. Over the whole batch XLA:CPU
-    reads x and g once per tap, from memory; a `lax.scan` over the images reads one image's x and g
-    into cache and takes all kh * kw sums from there (3x to 5x faster, benchmarks/RESULTS.md).
+    reads x and g once per tap, from memory; a `lax.scan` over the images (image_by_image) reads one
+    image's x and g into cache and takes all kh * kw sums from there (3x to 5x faster on CPU,
+    benchmarks/RESULTS.md). An accelerator wants the batch-wide sums instead.
     """
     kh, kw = kernel
+    if not image_by_image:
+        sums = [jnp.sum(window * g.astype(jnp.float32), axis=(0, 1, 2))
+                for _, window in _depthwise_windows(x.astype(jnp.float32), kernel, strides, padding)]
+        return jnp.stack(sums).reshape(kh, kw, 1, -1)
 
     def one_image(total: Array, xg: tuple[Array, Array]) -> tuple[Array, None]:
         xi, gi = xg
@@ -297,28 +302,41 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
 
     narrow.defvjp(narrow_fwd, narrow_bwd)
 
-    @jax.custom_vjp
     def depthwise(x: Array, w: Array) -> Array:
-        return _depthwise_tap_sum(x, w, strides, padding)
+        return depthwise_conv(x, w, strides, padding)
 
-    def depthwise_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
-        return depthwise(x, w), (x, w)
-
-    def depthwise_bwd(residuals: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
-        # The input gradient is the tap sum's own (each tap's g * w padded back into place, one
-        # fused loop); the weight gradient goes image by image. g is kept in memory first: that loop
-        # reads g at kh * kw shifts, and XLA would recompute the work behind g at each of them.
-        x, w = residuals
-        g = _kept(g, _first(w))
-        x_grad = jax.vjp(lambda x: _depthwise_tap_sum(x, w, strides, padding), x)[1](g)[0]
-        w_grad = _depthwise_weight_gradient(x, g, w.shape[:2], strides, padding)
-        return x_grad, w_grad.astype(w.dtype)
-
-    depthwise.defvjp(depthwise_fwd, depthwise_bwd)
     cpu = {"pointwise": pointwise, "whole": whole, "taps": taps, "narrow": narrow,
            "depthwise": depthwise}.get(form, conv)
     return lax.platform_dependent(lhs, rhs, cpu=lambda x, w: cpu(_stored(x, _first(w)), w),
                                   default=conv)
+
+
+def depthwise_conv(x: Array, w: Array, strides: int | Sequence[int] = 1, padding: Any = "SAME", *,
+                   image_by_image: bool = True) -> Array:
+    """Depthwise convolution of NHWC x with w [kh, kw, 1, C] as shifted slices times weights: the
+    CPU form "depthwise" above, callable on any device (`benchmarks/depthwise.py` times it against
+    XLA's grouped convolution there). image_by_image picks the weight gradient's loop."""
+    strides = _pair(strides)
+
+    @jax.custom_vjp
+    def conv(x: Array, w: Array) -> Array:
+        return _depthwise_tap_sum(x, w, strides, padding)
+
+    def conv_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
+        return conv(x, w), (x, w)
+
+    def conv_bwd(residuals: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+        # The input gradient is the tap sum's own (each tap's g * w padded back into place, one
+        # fused loop). g is kept in memory first: that loop reads g at kh * kw shifts, and XLA would
+        # recompute the work behind g at each of them.
+        x, w = residuals
+        g = _kept(g, _first(w))
+        x_grad = jax.vjp(lambda x: _depthwise_tap_sum(x, w, strides, padding), x)[1](g)[0]
+        w_grad = _depthwise_weight_gradient(x, g, w.shape[:2], strides, padding, image_by_image)
+        return x_grad, w_grad.astype(w.dtype)
+
+    conv.defvjp(conv_fwd, conv_bwd)
+    return conv(x, w)
 
 
 def _first(w: Array) -> Array:

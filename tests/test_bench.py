@@ -238,3 +238,21 @@ def test_suite_renders_markdown_with_provenance():
                                       {"name": "resnet18@32", "skipped": "needs GPU session"}])
     assert "| resnet20@32 | 512 | bf16 | 49,664 | 2.00 | 3.00 | 1.50x |" in text
     assert "| resnet18@32 | | | | needs GPU session | | |" in text
+
+
+def test_depthwise_benchmark_times_every_form_and_keeps_earlier_results(tmp_path, monkeypatch, capsys):
+    import depthwise  # benchmarks/depthwise.py
+
+    monkeypatch.setattr(depthwise, "LAYERS", [("mobilenet_v2", 56, 4, 3, 2)])
+    out = tmp_path / "depthwise.json"
+    assert depthwise.main(["--batch-size", "2", "--image-size", "32", "--steps", "1",
+                           "--repeats", "1", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["input"] == [2, 8, 8, 4] and row["stride"] == 2
+    for form in ("xla", "taps", "taps_per_image"):
+        assert row[form]["forward_ms"] > 0 and row[form]["gradient_ms"] > 0
+    saved = out.read_text()
+    assert depthwise.main(["--out", str(out)]) == 2  # an existing file is never overwritten
+    assert out.read_text() == saved and "exists" in capsys.readouterr().err
+    assert depthwise.main(["--image-size", "100"]) == 2
+    assert "multiple of 32" in capsys.readouterr().err
