@@ -99,11 +99,11 @@ def pad_pairs(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[i
 #   grouped convolution ran these layers' forward pass 15x to 66x slower and their gradient 8x to 29x
 #   slower; mobilenet_v2 trains 5x faster, efficientnet_b0 4x (benchmarks/RESULTS.md).
 #
-# Every convolution on CPU, whatever its form, also gets a "stored input" for its backward pass.
-# XLA:CPU computes a weight gradient over the input copied from NHWC to CHWN, and it fuses the
-# elementwise work that produced the input (batch norm, ReLU, a ResNet's whole residual stream) into
-# that copy, so the backward pass recomputed it from up to 20 operands: over half of resnet20's op
-# time went to these copies. Under differentiation the input passes through a `lax.cond`, which XLA
+# Every convolution on CPU whose weight gradient is XLA's own (STORED_INPUT_FORMS) also gets a
+# "stored input" for its backward pass. XLA:CPU computes a weight gradient over the input copied
+# from NHWC to CHWN, and it fuses the elementwise work that produced the input (batch norm, ReLU, a
+# ResNet's whole residual stream) into that copy, so the backward pass recomputed it from up to 20
+# operands: over half of resnet20's op time went to these copies. Under differentiation the input passes through a `lax.cond`, which XLA
 # cannot fuse across, so the copy reads the stored input once. resnet20 trains 1.24x faster,
 # LeNet-5 1.38x; the larger nets measured within noise (benchmarks/RESULTS.md).
 
@@ -111,6 +111,9 @@ _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), o
 TAPS_MAX_CHANNELS = 3
 TAPS_MAX_TERMS = 75  # kh * kw * C_in; 5x5x6 (150 terms) and 7x7x3 (147) were slower than XLA's kernel
 NARROW_MAX_CHANNELS = 7
+# The forms whose weight gradient is XLA's convolution, with its NHWC -> CHWN copy of the input (the
+# others take it from a GEMM or an image-by-image loop, which read the input where it is).
+STORED_INPUT_FORMS = (None, "taps", "narrow")
 
 
 def cpu_rewrites_enabled() -> bool:
@@ -307,8 +310,9 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
 
     cpu = {"pointwise": pointwise, "whole": whole, "taps": taps, "narrow": narrow,
            "depthwise": depthwise}.get(form, conv)
-    return lax.platform_dependent(lhs, rhs, cpu=lambda x, w: cpu(_stored(x, _first(w)), w),
-                                  default=conv)
+    if form in STORED_INPUT_FORMS:
+        cpu = functools.partial(lambda f, x, w: f(_stored(x, _first(w)), w), cpu)
+    return lax.platform_dependent(lhs, rhs, cpu=cpu, default=conv)
 
 
 def depthwise_conv(x: Array, w: Array, strides: int | Sequence[int] = 1, padding: Any = "SAME", *,

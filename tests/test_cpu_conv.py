@@ -187,3 +187,35 @@ def test_conv_keeps_nn_conv_parameters_and_output():
         chex.assert_trees_all_equal_shapes(ours.init(jax.random.key(1), x), variables)
         chex.assert_trees_all_close(ours.apply(variables, x), theirs.apply(variables, x),
                                     atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,size", [("lenet5", 32), ("resnet20", 32), ("mobilenet_v2", 32)])
+def test_whole_models_train_the_same_with_and_without_the_cpu_forms(monkeypatch, name, size):
+    # Every form in place: lenet5 (taps, narrow, whole), resnet20 (stored inputs under batch norm and
+    # shortcuts), mobilenet_v2's small variant (depthwise, pointwise, stride 2).
+    from cnnjax import models
+
+    spec = models.get_spec(name)
+    model = models.create_model(name, num_classes=5, **(spec.small if name == "mobilenet_v2" else {}))
+    x = jax.random.normal(jax.random.key(1), (4, size, size, spec.in_channels))
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
+    params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+
+    def loss(params):
+        logits, updates = model.apply({"params": params, **rest}, x, train=True,
+                                      mutable=list(rest), rngs={"dropout": jax.random.key(2)})
+        return jnp.sum(jnp.sin(logits)), (logits, updates)
+
+    results = {}
+    for setting in ("on", "off"):
+        monkeypatch.setenv("CNNJAX_CPU_REWRITES", setting)
+        results[setting] = jax.jit(jax.grad(loss, has_aux=True))(params)
+    # Each leaf to within 1e-3 of its own largest entry (or 1e-5 for leaves that are zero up to
+    # rounding, such as a bias followed by batch norm): a kernel gradient sums many products, and
+    # batch norm scales their float rounding. A wrong shift, stride or gradient is off by O(1).
+    def error(a, b):
+        return float(jnp.max(jnp.abs(a - b)) / (1e-3 * jnp.max(jnp.abs(b)) + 1e-5))
+
+    errors = jax.tree.map(error, results["on"], results["off"])
+    assert max(jax.tree.leaves(errors)) < 1, errors
