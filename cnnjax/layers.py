@@ -103,9 +103,10 @@ def pad_pairs(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[i
 # "stored input" for its backward pass. XLA:CPU computes a weight gradient over the input copied
 # from NHWC to CHWN, and it fuses the elementwise work that produced the input (batch norm, ReLU, a
 # ResNet's whole residual stream) into that copy, so the backward pass recomputed it from up to 20
-# operands: over half of resnet20's op time went to these copies. Under differentiation the input passes through a `lax.cond`, which XLA
-# cannot fuse across, so the copy reads the stored input once. resnet20 trains 1.24x faster,
-# LeNet-5 1.38x; the larger nets measured within noise (benchmarks/RESULTS.md).
+# operands: over half of resnet20's op time went to these copies. Under differentiation the input
+# passes through a `lax.cond`, which XLA cannot fuse across, so the copy reads the stored input
+# once. resnet20 trains 1.24x faster, LeNet-5 1.38x; the larger nets measured within noise
+# (benchmarks/RESULTS.md).
 
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 TAPS_MAX_CHANNELS = 3
@@ -232,7 +233,7 @@ def _depthwise_weight_gradient(x: Array, g: Array, kernel: Sequence[int], stride
 
     Each tap's gradient is a sum over the batch of its window times g. Over the whole batch XLA:CPU
     reads x and g once per tap, from memory; a `lax.scan` over the images (image_by_image) reads one
-    image's x and g into cache and takes all kh * kw sums from there (3x to 5x faster on CPU,
+    image's x and g into cache and takes all kh * kw sums from there (2.5x to 4.9x faster on CPU,
     benchmarks/RESULTS.md). An accelerator wants the batch-wide sums instead.
     """
     kh, kw = kernel
