@@ -1,6 +1,6 @@
-"""The CPU forms of `layers.Conv` (pointwise, whole-input, input taps, narrow input) and the stored
-input of its backward pass: same values and gradients as XLA's convolution, used on CPU only, with
-the parameters of `nn.Conv`, and an opt-out."""
+"""The CPU forms of `layers.Conv` (pointwise, whole-input, input taps, narrow input, depthwise) and
+the stored input of its backward pass: same values and gradients as XLA's convolution, used on CPU
+only, with the parameters of `nn.Conv`, and an opt-out."""
 
 import functools
 import re
@@ -122,8 +122,8 @@ def test_depthwise_form_matches_the_grouped_convolution_and_its_gradients(x_shap
     xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
     out = jax.jit(ours)(xb, wb)
     assert out.dtype == jnp.bfloat16
-    chex.assert_trees_all_close(out.astype(jnp.float32), xla(xb.astype(jnp.float32), wb.astype(jnp.float32)),
-                                atol=3e-2, rtol=3e-2)
+    expected_bf16 = xla(xb.astype(jnp.float32), wb.astype(jnp.float32))
+    chex.assert_trees_all_close(out.astype(jnp.float32), expected_bf16, atol=3e-2, rtol=3e-2)
 
 
 def test_depthwise_form_compiles_without_a_convolution_and_other_groupings_keep_it(monkeypatch):
