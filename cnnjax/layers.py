@@ -238,7 +238,8 @@ def _depthwise_weight_gradient(x: Array, g: Array, kernel: Sequence[int], stride
     """
     kh, kw = kernel
     if not image_by_image:
-        sums = [jnp.sum(window * g.astype(jnp.float32), axis=(0, 1, 2))
+        gf = g.astype(jnp.float32)
+        sums = [jnp.sum(window * gf, axis=(0, 1, 2))
                 for _, window in _depthwise_windows(x.astype(jnp.float32), kernel, strides, padding)]
         return jnp.stack(sums).reshape(kh, kw, 1, -1)
 
@@ -278,41 +279,29 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
         y = dot(x.reshape(x.shape[0], -1), w.reshape(-1, w.shape[-1]), (((1,), (0,)), ((), ())))
         return y.reshape(x.shape[0], 1, 1, -1)
 
-    @jax.custom_vjp
-    def taps(x: Array, w: Array) -> Array:
-        return _tap_sum(x, w, strides, padding)
-
-    def taps_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
-        return taps(x, w), (x, w)
-
-    def taps_bwd(residuals: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+    def taps_backward(x: Array, w: Array, g: Array) -> tuple[Array, Array]:
         # The tap sum's own weight gradient is kh * kw * C_in reductions over the batch, several
         # times slower than XLA's (benchmarks/RESULTS.md), so the gradients are the convolution's.
-        return jax.vjp(conv, *residuals)[1](g)
+        return jax.vjp(conv, x, w)[1](g)
 
-    taps.defvjp(taps_fwd, taps_bwd)
-
-    @jax.custom_vjp
-    def narrow(x: Array, w: Array) -> Array:
-        return conv(x, w)
-
-    def narrow_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
-        return conv(x, w), (x, w)
-
-    def narrow_bwd(residuals: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
-        x, w = residuals
+    def narrow_backward(x: Array, w: Array, g: Array) -> tuple[Array, Array]:
         w_grad = jax.vjp(lambda w: conv(x, w), w)[1](g)[0]
         return _row_input_gradient(g, w, x.shape, padding).astype(x.dtype), w_grad
 
-    narrow.defvjp(narrow_fwd, narrow_bwd)
+    taps = _with_backward(lambda x, w: _tap_sum(x, w, strides, padding), taps_backward)
+    narrow = _with_backward(conv, narrow_backward)
 
     def depthwise(x: Array, w: Array) -> Array:
         return depthwise_conv(x, w, strides, padding)
 
-    cpu = {"pointwise": pointwise, "whole": whole, "taps": taps, "narrow": narrow,
-           "depthwise": depthwise}.get(form, conv)
-    if form in STORED_INPUT_FORMS:
-        cpu = functools.partial(lambda f, x, w: f(_stored(x, _first(w)), w), cpu)
+    rewritten = {"pointwise": pointwise, "whole": whole, "taps": taps, "narrow": narrow,
+                 "depthwise": depthwise}.get(form, conv)
+
+    def cpu(x: Array, w: Array) -> Array:
+        if form in STORED_INPUT_FORMS:
+            x = _stored(x, _first(w))
+        return rewritten(x, w)
+
     return lax.platform_dependent(lhs, rhs, cpu=cpu, default=conv)
 
 
@@ -323,25 +312,29 @@ def depthwise_conv(x: Array, w: Array, strides: int | Sequence[int] = 1, padding
     XLA's grouped convolution there). image_by_image picks the weight gradient's loop."""
     strides = _pair(strides)
 
-    @jax.custom_vjp
-    def conv(x: Array, w: Array) -> Array:
+    def forward(x: Array, w: Array) -> Array:
         return _depthwise_tap_sum(x, w, strides, padding)
 
-    def conv_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
-        return conv(x, w), (x, w)
-
-    def conv_bwd(residuals: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+    def backward(x: Array, w: Array, g: Array) -> tuple[Array, Array]:
         # The input gradient is the tap sum's own (each tap's g * w padded back into place, one
         # fused loop). g is kept in memory first: that loop reads g at kh * kw shifts, and XLA would
         # recompute the work behind g at each of them.
-        x, w = residuals
         g = _kept(g, _first(w))
-        x_grad = jax.vjp(lambda x: _depthwise_tap_sum(x, w, strides, padding), x)[1](g)[0]
+        x_grad = jax.vjp(lambda x: forward(x, w), x)[1](g)[0]
         w_grad = _depthwise_weight_gradient(x, g, w.shape[:2], strides, padding, image_by_image)
         return x_grad, w_grad.astype(w.dtype)
 
-    conv.defvjp(conv_fwd, conv_bwd)
-    return conv(x, w)
+    return _with_backward(forward, backward)(x, w)
+
+
+def _with_backward(forward: Callable[[Array, Array], Array],
+                   backward: Callable[[Array, Array, Array], tuple[Array, Array]]
+                   ) -> Callable[[Array, Array], Array]:
+    """forward(x, w) with backward(x, w, g) -> (x_grad, w_grad) as its gradient; x and w are the
+    residuals. What each CPU form with its own backward pass is built from."""
+    fn = jax.custom_vjp(forward)
+    fn.defvjp(lambda x, w: (forward(x, w), (x, w)), lambda residuals, g: backward(*residuals, g))
+    return fn
 
 
 def _first(w: Array) -> Array:
