@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from cnnjax.cpu_rewrites import cpu_rewrites_enabled
 
 Array = jax.Array
 ModuleDef = Any
@@ -77,7 +78,8 @@ def pad_pairs(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[i
 # XLA:CPU runs every convolution through one generic kernel. Five common shapes have a faster form
 # on CPU, chosen at lowering time by `lax.platform_dependent`, so GPUs and TPUs compile the plain
 # convolution and the CPU program holds only the rewritten one. Same parameters, same results up to
-# float rounding. `CNNJAX_CPU_REWRITES=off` turns all five off, and the stored input below.
+# float rounding. `CNNJAX_CPU_REWRITES=off` turns all five off, with the cropped kernel and the
+# stored input below.
 #
 # - "pointwise": a 1x1 kernel (bottlenecks, MobileNet's pointwise layers, DenseNet's transitions) is
 #   a matrix product over channels. Its weight gradient is then a GEMM, where XLA:CPU's convolution
@@ -99,6 +101,12 @@ def pad_pairs(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[i
 #   grouped convolution ran these layers' forward pass 15x to 66x slower and their gradient 8x to 29x
 #   slower; mobilenet_v2 trains 5x faster, efficientnet_b0 4x (benchmarks/RESULTS.md).
 #
+# Before picking a form, a kernel that reaches past its padded input on every output is cropped to
+# the taps that meet the input ("cropped kernel", `live_taps`): ImageNet nets on CIFAR-size images
+# run 3x3 and 5x5 kernels on 1x1 and 2x2 maps (ResNet-18's layer4, GoogLeNet's last inceptions),
+# where all but the centre taps multiply padding. XLA's kernel computes those zeros and flips and
+# copies the whole kernel for the input gradient; cropped to one tap, the layer is "pointwise".
+#
 # Every convolution on CPU whose weight gradient is XLA's own (STORED_INPUT_FORMS) also gets a
 # "stored input" for its backward pass. XLA:CPU computes a weight gradient over the input copied
 # from NHWC to CHWN, and it fuses the elementwise work that produced the input (batch norm, ReLU, a
@@ -115,11 +123,6 @@ NARROW_MAX_CHANNELS = 7
 # The forms whose weight gradient is XLA's convolution, with its NHWC -> CHWN copy of the input (the
 # others take it from a GEMM or an image-by-image loop, which read the input where it is).
 STORED_INPUT_FORMS = (None, "taps", "narrow")
-
-
-def cpu_rewrites_enabled() -> bool:
-    """False when CNNJAX_CPU_REWRITES=off (read at trace time, so it applies to the next compile)."""
-    return os.environ.get("CNNJAX_CPU_REWRITES", "on").lower() not in ("off", "0", "false")
 
 
 def _zero_padding(padding: Any) -> bool:
@@ -157,6 +160,30 @@ def cpu_conv_form(lhs_shape: Sequence[int], rhs_shape: Sequence[int], padding: A
             and min(p for pair in pads for p in pair) >= 0):
         return "narrow"
     return None
+
+
+def live_taps(lhs_shape: Sequence[int], rhs_shape: Sequence[int], strides: Sequence[int],
+              padding: Any) -> tuple[list[tuple[int, int]], list[tuple[int, int]]] | None:
+    """For an undilated NHWC convolution whose kernel reaches past its padded input on every output
+    ("cropped kernel" above): the (first, stop) kernel taps per spatial axis that ever meet the input,
+    and the padding that gives the cropped kernel the same output. None when every tap is live."""
+    taps, pads = [], []
+    spatial, kernels = lhs_shape[1:3], rhs_shape[:2]
+    for size, kernel, stride, (low, high) in zip(
+            spatial, kernels, strides, pad_pairs(spatial, kernels, strides, padding), strict=True):
+        out = (size + low + high - kernel) // stride + 1
+        # Output i reads input rows i * stride - low + t for taps t; those rows hold input (not
+        # padding) for some i only if low - (out - 1) * stride <= t <= low + size - 1.
+        first, stop = max(0, low - (out - 1) * stride), min(kernel, low + size)
+        new_low = low - first
+        new_high = (out - 1) * stride + (stop - first) - size - new_low  # the least keeping `out`
+        if first >= stop or new_high + stride - 1 < 0:  # would need negative padding: leave it
+            return None
+        taps.append((first, stop))
+        pads.append((new_low, max(new_high, 0)))
+    if all(t == (0, k) for t, k in zip(taps, kernels, strict=True)):
+        return None
+    return taps, pads
 
 
 def _tap_sum(x: Array, w: Array, strides: tuple[int, int], padding: Any) -> Array:
@@ -269,6 +296,19 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
                          dimension_numbers, feature_group_count, strides)
     if not cpu_rewrites_enabled():
         return conv(lhs, rhs)
+    live = (live_taps(lhs.shape, rhs.shape, strides, padding)
+            if lhs.ndim == 4 and dimension_numbers == _NHWC
+            and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))) else None)
+    if live is not None:
+        (rows, cols), cropped_padding = live
+
+        def cropped(x: Array, w: Array) -> Array:
+            return conv_general_dilated(
+                x, w[rows[0]:rows[1], cols[0]:cols[1]], strides, cropped_padding,
+                dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+                precision=precision, preferred_element_type=preferred_element_type)
+
+        return lax.platform_dependent(lhs, rhs, cpu=cropped, default=conv)
     dot = functools.partial(lax.dot_general, precision=precision,
                             preferred_element_type=preferred_element_type)
 

@@ -1,6 +1,6 @@
-"""The CPU forms of `layers.Conv` (pointwise, whole-input, input taps, narrow input, depthwise) and
-the stored input of its backward pass: same values and gradients as XLA's convolution, used on CPU
-only, with the parameters of `nn.Conv`, and an opt-out."""
+"""The CPU forms of `layers.Conv` (pointwise, whole-input, input taps, narrow input, depthwise,
+cropped kernel) and the stored input of its backward pass: same values and gradients as XLA's
+convolution, used on CPU only, with the parameters of `nn.Conv`, and an opt-out."""
 
 import functools
 import re
@@ -83,11 +83,51 @@ def test_cpu_forms_compile_without_a_convolution_and_opt_out_restores_it(monkeyp
     assert " convolution(" in _hlo(x_shape, w_shape, gradient)
 
 
+# (input shape, kernel shape, strides, padding, the live taps per axis and their padding)
+CROP_CASES = [
+    ((2, 1, 1, 8), (3, 3, 8, 6), (1, 1), "SAME", ([(1, 2), (1, 2)], [(0, 0), (0, 0)])),  # -> pointwise
+    ((2, 1, 1, 8), (3, 3, 8, 6), (2, 2), [(1, 1), (1, 1)], ([(1, 2), (1, 2)], [(0, 0), (0, 0)])),
+    ((2, 2, 2, 8), (3, 3, 8, 6), (2, 2), "SAME", ([(0, 2), (0, 2)], [(0, 0), (0, 0)])),  # -> whole
+    ((2, 2, 3, 8), (3, 3, 8, 6), (2, 2), [(1, 1), (1, 1)], ([(1, 3), (0, 3)], [(0, 0), (1, 1)])),
+    ((2, 2, 2, 8), (5, 5, 8, 6), (1, 1), "SAME", ([(1, 4), (1, 4)], [(1, 1), (1, 1)])),
+    ((2, 1, 2, 8), (5, 3, 8, 6), (1, 1), [(2, 2), (1, 1)], ([(2, 3), (0, 3)], [(0, 0), (1, 1)])),
+    ((2, 3, 3, 8), (7, 7, 8, 6), (1, 1), "SAME", ([(1, 6), (1, 6)], [(2, 2), (2, 2)])),
+    ((2, 2, 2, 8), (3, 3, 8, 6), (1, 1), "SAME", None),  # every tap meets the input somewhere
+]
+
+
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding,live", CROP_CASES)
+def test_cropped_kernel_matches_the_convolution_and_its_gradients(x_shape, w_shape, strides, padding,
+                                                                  live):
+    # Deep layers of ImageNet nets on CIFAR-size input (ResNet-18's layer4 at 1x1, GoogLeNet's 5x5s)
+    # pad more than their kernel can reach: the taps that only ever meet padding are cropped away.
+    assert layers.live_taps(x_shape, w_shape, strides, padding) == live
+    x = jax.random.normal(jax.random.key(0), x_shape)
+    w = jax.random.normal(jax.random.key(1), w_shape)
+    ours, xla = _ours(strides, padding), _xla(strides, padding)
+    chex.assert_trees_all_close(jax.jit(ours)(x, w), xla(x, w), atol=1e-4, rtol=1e-5)
+    loss = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w)))  # noqa: E731
+    grads = jax.jit(jax.grad(loss(ours), (0, 1)))(x, w)
+    chex.assert_trees_all_close(grads, jax.grad(loss(xla), (0, 1))(x, w), atol=1e-3, rtol=1e-4)
+    if live is not None:  # the dead taps get an exact zero gradient
+        (rows, cols), _ = live
+        dead = jnp.ones(w_shape, bool).at[rows[0]:rows[1], cols[0]:cols[1]].set(False)
+        assert jnp.all(jnp.where(dead, grads[1], 0) == 0)
+
+
+def test_a_kernel_cropped_to_one_tap_compiles_to_products():
+    x, w = jnp.ones((2, 1, 1, 8)), jnp.ones((3, 3, 8, 6))
+    ours = _ours((1, 1), "SAME")
+    grad = jax.jit(jax.grad(lambda x, w: jnp.sum(ours(x, w) ** 2), (0, 1)))
+    assert " convolution(" not in grad.lower(x, w).compile().as_text()
+
+
 DEPTHWISE_CASES = [
     ((2, 9, 9, 6), (3, 3, 1, 6), (1, 1), "SAME"),  # MobileNet's stride-1 layers
     ((2, 10, 9, 5), (3, 3, 1, 5), (2, 2), [(1, 1), (1, 1)]),  # stride 2, odd width
     ((2, 11, 11, 4), (5, 5, 1, 4), (2, 2), "SAME"),  # EfficientNet's 5x5
     ((2, 8, 8, 4), (3, 3, 1, 4), (1, 2), [(0, 1), (2, 0)]),
+    ((2, 1, 1, 4), (3, 3, 1, 4), (2, 2), "SAME"),  # a 1x1 map: cropped to the centre tap first
 ]
 
 
