@@ -1,4 +1,4 @@
-"""The CNNJAX_CPU_REWRITES switch for cnnjax's CPU forms of the convolution (cnnjax/layers.py)."""
+"""The CNNJAX_CPU_REWRITES switch for cnnjax's CPU forms (cnnjax/layers.py, cnnjax/batchnorm.py)."""
 
 from __future__ import annotations
 

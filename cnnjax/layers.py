@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cnnjax.batchnorm import BatchNorm
 from cnnjax.cpu_rewrites import cpu_rewrites_enabled
 
 Array = jax.Array
@@ -79,7 +80,7 @@ def pad_pairs(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[i
 # on CPU, chosen at lowering time by `lax.platform_dependent`, so GPUs and TPUs compile the plain
 # convolution and the CPU program holds only the rewritten one. Same parameters, same results up to
 # float rounding. `CNNJAX_CPU_REWRITES=off` turns all five off, with the cropped kernel and the
-# stored input below.
+# stored input below (and cnnjax/batchnorm.py's CPU form).
 #
 # - "pointwise": a 1x1 kernel (bottlenecks, MobileNet's pointwise layers, DenseNet's transitions) is
 #   a matrix product over channels. Its weight gradient is then a GEMM, where XLA:CPU's convolution
@@ -467,15 +468,16 @@ def global_avg_pool(x: Array) -> Array:
 
 
 def batch_norm(train: bool, *, dtype: Any = None, momentum: float = 0.9, epsilon: float = 1e-5,
-               **kwargs: Any) -> nn.BatchNorm:
-    """Batch norm with torch's defaults (momentum 0.1 in torch = 0.9 here, eps 1e-5).
+               **kwargs: Any) -> BatchNorm:
+    """Batch norm with torch's defaults (momentum 0.1 in torch = 0.9 here, eps 1e-5): cnnjax's
+    `BatchNorm`, an `nn.BatchNorm` with a CPU form for small models (cnnjax/batchnorm.py).
 
     Parameters and running statistics are fp32 whatever the compute dtype: flax computes the batch
     mean and variance in at least fp32 (`force_float32_reductions`), and `param_dtype` is fp32.
     Under `jax.jit` with a batch sharded over the mesh, the mean is taken over the global batch.
     """
-    return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon,
-                        dtype=dtype, param_dtype=jnp.float32, **kwargs)
+    return BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon,
+                     dtype=dtype, param_dtype=jnp.float32, **kwargs)
 
 
 class LocalResponseNorm(nn.Module):

@@ -8,7 +8,8 @@ efficientnet_b0 0.93x, resnet18 0.97x, densenet121 0.98x, googlenet 0.88x, vgg16
 (benchmarks/RESULTS.md, 2-core CPU, 2026-11-22).
 So the fusions go off on CPU for models under SMALL_MODEL_PARAMS parameters only. The options go
 to `jax.jit(compiler_options=...)`: they apply to cnnjax's own steps, whatever the process
-imported first, and they never touch XLA_FLAGS.
+imported first, and they never touch XLA_FLAGS. Without the fusions XLA:CPU's own reductions are
+slow, so such steps trace their batch norms with blocked sums (`traced_for`, cnnjax/batchnorm.py).
 
 Opt out with CNNJAX_XLA_OPTIONS=off, or set the same flag in XLA_FLAGS yourself (yours wins).
 """
@@ -17,12 +18,18 @@ from __future__ import annotations
 
 import functools
 import os
+import re
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # "" = no YNNPACK fusions
+from cnnjax import batchnorm
+
+YNN_FUSIONS = "xla_cpu_experimental_ynn_fusion_type"
+CPU_OPTIONS = {YNN_FUSIONS: ""}  # "" = no YNNPACK fusions
 SMALL_MODEL_PARAMS = 1_000_000  # measured boundary: see the module docstring
 
 
@@ -46,3 +53,18 @@ def step_options(mesh: Mesh, num_params: int) -> dict[str, str]:
     user_flags = os.environ.get("XLA_FLAGS", "")
     return {name: value for name, value in CPU_OPTIONS.items()
             if f"--{name}" not in user_flags and _known(name, value)}
+
+
+def traced_for(fn: Callable[..., Any], options: dict[str, str]) -> Callable[..., Any]:
+    """fn, traced inside `batchnorm.blocked_sums()` when `options` or XLA_FLAGS turn YNNPACK's
+    fusions off: XLA's own reductions are then slow on CPU (cnnjax/batchnorm.py)."""
+    user_off = re.search(rf"--{YNN_FUSIONS}=(\s|$)", os.environ.get("XLA_FLAGS", ""))
+    if options.get(YNN_FUSIONS) != "" and not user_off:
+        return fn
+
+    @functools.wraps(fn)
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        with batchnorm.blocked_sums():
+            return fn(*args, **kwargs)
+
+    return traced

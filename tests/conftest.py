@@ -13,13 +13,14 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 # keeps XLA's default fusions; tests/test_xla_options.py checks cnnjax's CPU options themselves.
 os.environ.setdefault("CNNJAX_XLA_OPTIONS", "off")
 
-# The CPU forms of the convolution (cnnjax/layers.py) add tracing and compile time to every model
-# that uses them. tests/test_cpu_conv.py checks them against XLA's convolution, layer by layer and on
-# whole models, and the modules below train with them as users do; the rest of the suite tests the
-# models and the training code on XLA's own convolution, which keeps the suite inside its time
+# The CPU forms of the convolution and batch norm (cnnjax/layers.py, cnnjax/batchnorm.py) add tracing
+# and compile time to every model that uses them. tests/test_cpu_conv.py and tests/test_batchnorm.py
+# check them against XLA's convolution and flax's batch norm, layer by layer and on whole models, and
+# the modules below train with them as users do; the rest of the suite tests the models and the
+# training code on XLA's convolution and flax's formula, which keeps the suite inside its time
 # budget. `CNNJAX_CPU_REWRITES=on pytest` runs the whole suite with them.
-CPU_FORMS_MODULES = {"test_cpu_conv", "test_train_step", "test_train_sharded", "test_launch",
-                     "test_bench"}
+CPU_FORMS_MODULES = {"test_cpu_conv", "test_batchnorm", "test_train_step", "test_train_sharded",
+                     "test_launch", "test_bench"}
 
 
 @pytest.fixture(autouse=True, scope="module")

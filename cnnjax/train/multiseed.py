@@ -157,7 +157,8 @@ class Members:
             return jax.lax.map(member, members, batch_size=self.chunk)
 
         m, r = self.member, self.replicated
-        return jax.jit(many, in_shardings=(m, r, r, m, m, m), out_shardings=(m, m),
+        return jax.jit(xla_options.traced_for(many, self.options),
+                       in_shardings=(m, r, r, m, m, m), out_shardings=(m, m),
                        donate_argnums=0, compiler_options=self.options)
 
     # --- state and per-step inputs ---------------------------------------------------------------

@@ -13,7 +13,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from cnnjax import distributed, finetune
+from cnnjax import distributed, finetune, xla_options
 from cnnjax.train import losses, optim
 from cnnjax.train.state import TrainState
 
@@ -124,7 +124,7 @@ def compile_steps(mesh: Mesh, *, compiler_options: dict[str, str] | None = None,
     replicated = distributed.replicated(mesh)
     batch = distributed.batch_sharded(mesh)
     train = jax.jit(
-        functools.partial(train_step, **kwargs),
+        xla_options.traced_for(functools.partial(train_step, **kwargs), compiler_options or {}),
         in_shardings=(replicated, batch),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
