@@ -102,7 +102,7 @@ def pad_pairs(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[i
 #   grouped convolution ran these layers' forward pass 15x to 66x slower and their gradient 8x to 29x
 #   slower; mobilenet_v2 trains 5x faster, efficientnet_b0 4x (benchmarks/RESULTS.md).
 #
-# Before picking a form, a kernel that reaches past its padded input on every output is cropped to
+# Before picking a form, a kernel whose outer taps meet only padding, on every output, is cropped to
 # the taps that meet the input ("cropped kernel", `live_taps`): ImageNet nets on CIFAR-size images
 # run 3x3 and 5x5 kernels on 1x1 and 2x2 maps (ResNet-18's layer4, GoogLeNet's last inceptions),
 # where all but the centre taps multiply padding. XLA's kernel computes those zeros and flips and
@@ -165,9 +165,9 @@ def cpu_conv_form(lhs_shape: Sequence[int], rhs_shape: Sequence[int], padding: A
 
 def live_taps(lhs_shape: Sequence[int], rhs_shape: Sequence[int], strides: Sequence[int],
               padding: Any) -> tuple[list[tuple[int, int]], list[tuple[int, int]]] | None:
-    """For an undilated NHWC convolution whose kernel reaches past its padded input on every output
-    ("cropped kernel" above): the (first, stop) kernel taps per spatial axis that ever meet the input,
-    and the padding that gives the cropped kernel the same output. None when every tap is live."""
+    """For an undilated NHWC convolution ("cropped kernel" above): the (first, stop) kernel taps per
+    spatial axis that meet the input on some output, and the padding that gives the kernel cropped
+    to them the same output. None when every tap is live, or when cropping needs negative padding."""
     taps, pads = [], []
     spatial, kernels = lhs_shape[1:3], rhs_shape[:2]
     for size, kernel, stride, (low, high) in zip(

@@ -93,9 +93,46 @@ def test_every_ablation_names_its_sizes_on_an_unknown_one(name):
         config_lib.load_config(f"experiments/{name}.py:gpu")
 
 
+def _smoke_model(name):
+    return config_lib.load_config(f"experiments/{name}.py:smoke")[0].model.name
+
+
+# A config whose `:smoke` model another config already trains (its small variant on digits, at the
+# same size) runs its own training settings on that model in test_smoke_settings instead: each
+# efficientnet_b0 smoke run cost about 30 s of the suite's 10-minute budget.
+RUNS = [c for c in CONFIGS if c != "lenet5_digits" and c not in STUDIES]
+SMOKE_RUNS = [c for i, c in enumerate(RUNS) if _smoke_model(c) not in map(_smoke_model, RUNS[:i])]
+
+
+def test_smoke_settings_of_configs_sharing_a_model(tmp_path):
+    """The optimizer, schedule and loss of each config left out of SMOKE_RUNS build and take one
+    step (its model and data pipeline are the smoke run's of the config that shares them)."""
+    import jax
+    import jax.numpy as jnp
+
+    from cnnjax.train import losses, optim
+
+    shared = [c for c in RUNS if c not in SMOKE_RUNS]
+    assert "efficientnet_b0_imagenet" in shared
+    for name in shared:
+        config = config_lib.load_config(f"experiments/{name}.py:smoke")[0]
+        tx, schedule = optim.make_optimizer(config.optimizer, steps_per_epoch=10,
+                                            num_epochs=config.num_epochs)
+        params = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4)}
+
+        def loss(params, loss_cfg):
+            logits = jnp.ones((2, 3)) @ params["w"] + params["b"]
+            return losses.compute_loss(loss_cfg, logits, jnp.array([0, 1]), 4)
+
+        grads = jax.grad(loss)(params, config.loss)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates)), name
+        assert float(schedule(0)) >= 0, name
+
+
 # lenet5_digits:smoke runs as a real subprocess in test_launch.py.
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [c for c in CONFIGS if c != "lenet5_digits" and c not in STUDIES])
+@pytest.mark.parametrize("name", SMOKE_RUNS)
 def test_smoke_run(name, tmp_path):
     workdir = tmp_path / name
     assert (

@@ -96,12 +96,18 @@ CROP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("x_shape,w_shape,strides,padding,live", CROP_CASES)
-def test_cropped_kernel_matches_the_convolution_and_its_gradients(x_shape, w_shape, strides, padding,
-                                                                  live):
+def test_live_taps():
     # Deep layers of ImageNet nets on CIFAR-size input (ResNet-18's layer4 at 1x1, GoogLeNet's 5x5s)
     # pad more than their kernel can reach: the taps that only ever meet padding are cropped away.
-    assert layers.live_taps(x_shape, w_shape, strides, padding) == live
+    for x_shape, w_shape, strides, padding, live in CROP_CASES:
+        assert layers.live_taps(x_shape, w_shape, strides, padding) == live, (x_shape, w_shape)
+
+
+# Compiled: to one tap, to a whole-input kernel, one axis only, 5x5 to 3x3, nothing to crop.
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding,live",
+                         [CROP_CASES[i] for i in (0, 2, 3, 4, 7)])
+def test_cropped_kernel_matches_the_convolution_and_its_gradients(x_shape, w_shape, strides, padding,
+                                                                  live):
     x = jax.random.normal(jax.random.key(0), x_shape)
     w = jax.random.normal(jax.random.key(1), w_shape)
     ours, xla = _ours(strides, padding), _xla(strides, padding)
@@ -250,7 +256,9 @@ def test_whole_models_train_the_same_with_and_without_the_cpu_forms(monkeypatch,
     results = {}
     for setting in ("on", "off"):
         monkeypatch.setenv("CNNJAX_CPU_REWRITES", setting)
-        with batchnorm.blocked_sums():  # and batch norm's form, as small models' steps trace it
+        # Batch norm's form as small models' steps trace it; mobilenet_v2 (3.5M parameters) trains
+        # with YNNPACK's fusions and flax's batch norm.
+        with batchnorm.blocked_sums(name != "mobilenet_v2"):
             results[setting] = jax.jit(jax.grad(loss, has_aux=True))(params)
     # Each leaf to within 1e-3 of its own largest entry (or 1e-5 for leaves that are zero up to
     # rounding, such as a bias followed by batch norm): a kernel gradient sums many products, and
