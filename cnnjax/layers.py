@@ -293,8 +293,6 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
         lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
         feature_group_count=feature_group_count, precision=precision,
         preferred_element_type=preferred_element_type)
-    form = cpu_conv_form(lhs.shape, rhs.shape, padding, lhs_dilation, rhs_dilation,
-                         dimension_numbers, feature_group_count, strides)
     if not cpu_rewrites_enabled():
         return conv(lhs, rhs)
     live = (live_taps(lhs.shape, rhs.shape, strides, padding)
@@ -310,6 +308,8 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
                 precision=precision, preferred_element_type=preferred_element_type)
 
         return lax.platform_dependent(lhs, rhs, cpu=cropped, default=conv)
+    form = cpu_conv_form(lhs.shape, rhs.shape, padding, lhs_dilation, rhs_dilation,
+                         dimension_numbers, feature_group_count, strides)
     dot = functools.partial(lax.dot_general, precision=precision,
                             preferred_element_type=preferred_element_type)
 

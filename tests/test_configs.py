@@ -5,12 +5,15 @@ import glob
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import pytest
 
 import launch
 from cnnjax import config as config_lib
 from cnnjax.models import MODELS
+from cnnjax.train import losses, optim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(
@@ -93,25 +96,18 @@ def test_every_ablation_names_its_sizes_on_an_unknown_one(name):
         config_lib.load_config(f"experiments/{name}.py:gpu")
 
 
-def _smoke_model(name):
-    return config_lib.load_config(f"experiments/{name}.py:smoke")[0].model.name
-
-
 # A config whose `:smoke` model another config already trains (its small variant on digits, at the
 # same size) runs its own training settings on that model in test_smoke_settings instead: each
 # efficientnet_b0 smoke run cost about 30 s of the suite's 10-minute budget.
 RUNS = [c for c in CONFIGS if c != "lenet5_digits" and c not in STUDIES]
-SMOKE_RUNS = [c for i, c in enumerate(RUNS) if _smoke_model(c) not in map(_smoke_model, RUNS[:i])]
+_SMOKE_MODELS = {c: config_lib.load_config(f"experiments/{c}.py:smoke")[0].model.name for c in RUNS}
+SMOKE_RUNS = [c for i, c in enumerate(RUNS)
+              if _SMOKE_MODELS[c] not in {_SMOKE_MODELS[r] for r in RUNS[:i]}]
 
 
 def test_smoke_settings_of_configs_sharing_a_model(tmp_path):
     """The optimizer, schedule and loss of each config left out of SMOKE_RUNS build and take one
     step (its model and data pipeline are the smoke run's of the config that shares them)."""
-    import jax
-    import jax.numpy as jnp
-
-    from cnnjax.train import losses, optim
-
     shared = [c for c in RUNS if c not in SMOKE_RUNS]
     assert "efficientnet_b0_imagenet" in shared
     for name in shared:
