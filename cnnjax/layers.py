@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from cnnjax.batchnorm import BatchNorm
-from cnnjax.cpu_rewrites import cpu_rewrites_enabled
+from cnnjax.cpu_rewrites import cpu_rewrites_enabled, kept
 
 Array = jax.Array
 ModuleDef = Any
@@ -360,7 +360,7 @@ def depthwise_conv(x: Array, w: Array, strides: int | Sequence[int] = 1, padding
         # The input gradient is the tap sum's own (each tap's g * w padded back into place, one
         # fused loop). g is kept in memory first: that loop reads g at kh * kw shifts, and XLA would
         # recompute the work behind g at each of them.
-        g = _kept(g, _first(w))
+        g = kept(g, _first(w))
         x_grad = jax.vjp(lambda x: forward(x, w), x)[1](g)[0]
         w_grad = _depthwise_weight_gradient(x, g, w.shape[:2], strides, padding, image_by_image)
         return x_grad, w_grad.astype(w.dtype)
@@ -390,15 +390,8 @@ def _stored(x: Array, w0: Array) -> Array:
     return x
 
 
-def _kept(v: Array, w0: Array) -> Array:
-    """v, stored in memory: XLA cannot fuse the work that produced v into v's users across a cond.
-    The second branch runs only when the kernel holds a NaN, where the convolution's output and
-    gradients are NaN whatever v is; a second identity branch would let XLA drop the cond."""
-    return lax.cond(w0 == w0, lambda v: v, lambda v: v + w0.astype(v.dtype), v)
-
-
 def _stored_fwd(x: Array, w0: Array) -> tuple[Array, None]:
-    return _kept(x, w0), None
+    return kept(x, w0), None
 
 
 def _stored_bwd(_: None, g: Array) -> tuple[Array, None]:

@@ -10,7 +10,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
+from cnnjax.cpu_rewrites import cpu_rewrites_enabled, kept
 from cnnjax.layers import (
     Conv,
     activation,
@@ -26,6 +28,45 @@ ModuleDef = Any
 STEMS = ("imagenet", "cifar")
 # torch.nn.Linear's default weight init, U(+-1/sqrt(fan_in)); torchvision zeroes only the bias.
 FC_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# On CPU, every GRADIENT_KEPT_EVERY-th layer of a block stores its output's gradient (`_concat`).
+GRADIENT_KEPT_EVERY = 4
+
+
+# --- the running concatenation -----------------------------------------------------------------
+
+
+def _concat(x: Array, y: Array, keep_gradient: bool) -> Array:
+    """[x, y] on the channel axis; with keep_gradient, on CPU, its gradient is stored before the split.
+
+    Why: the gradient of a block's running tensor, channel group by channel group, is a sum over
+    every later layer of that layer's batch-norm gradient. XLA:CPU fuses each group's whole sum into
+    one loop, and the groups' sums overlap, so the fused code grows with the square of the block's
+    depth: densenet201's train step held 214,509 fused instructions (its largest fusion 236 operands)
+    and took 140 s to compile on the 2-core CPU. Storing the gradient at every 4th layer bounds each
+    loop to four layers' terms: 83,693 instructions and 75 s, with no measurable change in step time
+    (benchmarks/RESULTS.md). Every layer (m=1) compiled no faster and ran about 20% slower.
+    """
+    if not (keep_gradient and cpu_rewrites_enabled()):
+        return jnp.concatenate([x, y], axis=-1)
+    return _concat_kept(x.shape[-1], x, y, lax.stop_gradient(y.reshape(-1)[0]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _concat_kept(split: int, x: Array, y: Array, y0: Array) -> Array:
+    # y0 (y's first entry) is `kept`'s condition: when it is NaN, the loss is NaN anyway.
+    return jnp.concatenate([x, y], axis=-1)
+
+
+def _concat_kept_fwd(split: int, x: Array, y: Array, y0: Array) -> tuple[Array, Array]:
+    return jnp.concatenate([x, y], axis=-1), y0
+
+
+def _concat_kept_bwd(split: int, y0: Array, g: Array) -> tuple[Array, Array, Array]:
+    g = lax.platform_dependent(g, y0, cpu=kept, default=lambda g, _: g)
+    return g[..., :split], g[..., split:], jnp.zeros_like(y0)
+
+
+_concat_kept.defvjp(_concat_kept_fwd, _concat_kept_bwd)
 
 
 # --- blocks ------------------------------------------------------------------------------------
@@ -45,6 +86,7 @@ class DenseLayer(nn.Module):
     norm: ModuleDef
     act: Callable[[Array], Array] = nn.relu
     drop_rate: float = 0.0
+    keep_gradient: bool = False  # store the output's gradient on CPU (`_concat`)
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
@@ -54,7 +96,7 @@ class DenseLayer(nn.Module):
             self.act(self.norm(name="bn2")(y)))
         # torchvision drops the new features only, after conv2.
         y = nn.Dropout(self.drop_rate, deterministic=not train)(y)
-        return jnp.concatenate([x, y.astype(x.dtype)], axis=-1)
+        return _concat(x, y.astype(x.dtype), self.keep_gradient)
 
 
 class Transition(nn.Module):
@@ -138,8 +180,9 @@ class DenseNet(nn.Module):
         x = self._stem(x, conv, norm, act)
         for b, num_layers in enumerate(self.block_config):
             for i in range(num_layers):
+                keep = (i + 1) % GRADIENT_KEPT_EVERY == 0
                 x = DenseLayer(self.growth_rate, self.bn_size, conv, norm, act, self.drop_rate,
-                               name=f"block{b + 1}_layer{i + 1}")(x, train)
+                               keep, name=f"block{b + 1}_layer{i + 1}")(x, train)
             if b + 1 < len(self.block_config):
                 features = math.floor(x.shape[-1] * self.compression)
                 x = Transition(features, conv, norm, act, name=f"transition{b + 1}")(x)
