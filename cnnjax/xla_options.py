@@ -33,6 +33,12 @@ CPU_OPTIONS = {YNN_FUSIONS: ""}  # "" = no YNNPACK fusions
 SMALL_MODEL_PARAMS = 1_000_000  # measured boundary: see the module docstring
 
 
+def user_flag(name: str) -> str | None:
+    """The value XLA_FLAGS gives option `name` ("" for `--name=`), or None where it does not set it."""
+    match = re.search(rf"--{name}=(\S*)", os.environ.get("XLA_FLAGS", ""))
+    return match.group(1) if match else None
+
+
 @functools.cache
 def _known(name: str, value: str) -> bool:
     """Whether this jaxlib accepts the option (a renamed or retired one is skipped, not fatal)."""
@@ -50,16 +56,14 @@ def step_options(mesh: Mesh, num_params: int) -> dict[str, str]:
         return {}
     if mesh.devices.flat[0].platform != "cpu" or num_params >= SMALL_MODEL_PARAMS:
         return {}
-    user_flags = os.environ.get("XLA_FLAGS", "")
     return {name: value for name, value in CPU_OPTIONS.items()
-            if f"--{name}" not in user_flags and _known(name, value)}
+            if user_flag(name) is None and _known(name, value)}
 
 
 def traced_for(fn: Callable[..., Any], options: dict[str, str]) -> Callable[..., Any]:
     """fn, traced inside `batchnorm.blocked_sums()` when `options` or XLA_FLAGS turn YNNPACK's
     fusions off: XLA's own reductions are then slow on CPU (cnnjax/batchnorm.py)."""
-    user_off = re.search(rf"--{YNN_FUSIONS}=(\s|$)", os.environ.get("XLA_FLAGS", ""))
-    if options.get(YNN_FUSIONS) != "" and not user_off:
+    if options.get(YNN_FUSIONS) != "" and user_flag(YNN_FUSIONS) != "":
         return fn
 
     @functools.wraps(fn)

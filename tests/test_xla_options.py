@@ -36,3 +36,14 @@ def test_user_flags_win_and_unknown_options_are_skipped(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS")
     monkeypatch.setattr(xla_options, "CPU_OPTIONS", {YNN: "", "xla_cpu_no_such_option": "1"})
     assert xla_options.step_options(mesh, 1000) == {YNN: ""}  # a renamed option is dropped, not fatal
+
+
+def test_user_flag_reads_one_option_from_xla_flags(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 --{YNN}= --other=1")
+    assert xla_options.user_flag(YNN) == ""  # set, to nothing: the fusions off
+    assert xla_options.user_flag("xla_force_host_platform_device_count") == "8"
+    assert xla_options.user_flag("xla_cpu_no_such_option") is None
+    monkeypatch.setenv("XLA_FLAGS", f"--{YNN}=default")
+    assert xla_options.user_flag(YNN) == "default"
+    monkeypatch.delenv("XLA_FLAGS")
+    assert xla_options.user_flag(YNN) is None
