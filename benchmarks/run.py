@@ -209,11 +209,13 @@ def render(runs: list[dict], sweeps: list[dict], compiles: list[dict], meta: dic
         lines.append("")
     if compiles:
         lines += ["## Compile time of deep nets (cold cache)", "",
-                  "| model | batch | trace s | XLA compile s | eval compile s |", "|---|---:|---:|---:|---:|"]
+                  "| model | batch | trace s | XLA compile s | eval compile s | state init s |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for run in compiles:
             r = run.get("result")
             cells = (f"{r['batch_size']} | {r['trace_seconds']:.1f} | {r['compile_seconds']:.1f} | "
-                     f"{r['eval_compile_seconds']:.1f}") if r else f" | failed: {run['error']} | |"
+                     f"{r['eval_compile_seconds']:.1f} | {r['init_seconds']:.1f}"
+                     ) if r else f" | failed: {run['error']} | | |"
             lines.append(f"| {run['name']} | {cells} |")
         lines.append("")
     if epochs:

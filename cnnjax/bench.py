@@ -80,13 +80,15 @@ def build(name: str, *, batch_size: int, image_size: int, precision: str, mesh) 
     opt_cfg = optim.optimizer_config()  # SGD, momentum 0.9, lr 0.1, constant
     tx, schedule = optim.make_optimizer(opt_cfg, steps_per_epoch=100, num_epochs=1)
     input_shape = (image_size, image_size, spec.in_channels)
+    start = time.perf_counter()  # a jitted init: for deep nets its compile is a cost of its own
     state = train_state.create_train_state(model, tx, seed=0, input_shape=input_shape, mesh=mesh)
+    init_seconds = time.perf_counter() - start
     options = xla_options.step_options(mesh, train_state.count_params(state.params))
     train, evaluate = train_step_lib.compile_steps(
         mesh, compiler_options=options, model=model, tx=tx, schedule=schedule,
         loss_cfg=losses.loss_config(), num_classes=spec.num_classes)
     return dict(spec=spec, model=model, state=state, train=train, evaluate=evaluate,
-                input_shape=input_shape, compiler_options=options)
+                input_shape=input_shape, compiler_options=options, init_seconds=init_seconds)
 
 
 def compile_seconds(fn, *args) -> tuple[float, float, Any]:
@@ -161,6 +163,7 @@ def run_benchmark(
         "device": f"{device.platform}:{device.device_kind}", "num_devices": mesh.size,
         "jax": jax.__version__, "params": train_state.count_params(state.params),
         "xla_compiler_options": parts["compiler_options"],
+        "init_seconds": parts["init_seconds"],  # trace, compile and run of the state's init
     }
     lower_s, compile_s, train_compiled = compile_seconds(parts["train"], state, batch)
     result |= {"trace_seconds": lower_s, "compile_seconds": compile_s}
@@ -246,7 +249,8 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [f"{r['model']} @ {r['image_size']}px, batch {r['batch_size']}, {r['precision']}, "
              f"{r['device']} x{r['num_devices']}, {r['params']:,} params",
              f"  compile: trace {r['trace_seconds']:.2f} s + XLA {r['compile_seconds']:.2f} s "
-             f"(eval step {r['eval_compile_seconds']:.2f} s), XLA options "
+             f"(eval step {r['eval_compile_seconds']:.2f} s, state init {r['init_seconds']:.2f} s), "
+             "XLA options "
              f"{r.get('xla_compiler_options') or 'default'}"]
     if "train_images_per_second" in r:
         lines += [

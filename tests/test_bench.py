@@ -23,7 +23,7 @@ KEYS = {
     "model", "batch_size", "image_size", "precision", "device", "params", "trace_seconds",
     "compile_seconds", "eval_compile_seconds", "train_images_per_second", "train_step_seconds",
     "eval_images_per_second", "eval_step_seconds", "forward_flops_per_image", "peak_flops", "mfu",
-    "peak_memory_bytes", "train_step_static_bytes", "xla_compiler_options", "op_profile",
+    "peak_memory_bytes", "train_step_static_bytes", "xla_compiler_options", "op_profile", "init_seconds",
 }
 
 
@@ -43,6 +43,7 @@ def test_cli_prints_every_key(lenet_json):
     assert lenet_json["model"] == "lenet5" and lenet_json["params"] == 61_706
     assert lenet_json["image_size"] == 32 and lenet_json["batch_size"] == 8
     assert lenet_json["train_images_per_second"] > 0 and 0 < lenet_json["mfu"]
+    assert 0 < lenet_json["init_seconds"] < 60
     # forward FLOPs are the profiler's: 2 x 416,520 MACs of LeNet-5
     assert lenet_json["forward_flops_per_image"] == 2 * 416_520
 
@@ -57,6 +58,7 @@ def test_profile_attributes_the_step_to_ops(lenet_json):
     assert any(source.split("/")[1:2] in (["c1"], ["c3"], ["c5"]) for source in sources), sources
     report = bench.format_report(lenet_json)
     assert "op profile:" in report and "slowest instructions" in report
+    assert f"state init {lenet_json['init_seconds']:.2f} s" in report
 
 
 def test_parse_trace_groups_op_kinds_per_step():
@@ -223,10 +225,16 @@ def test_suite_renders_markdown_with_provenance():
     runs = [{"name": "lenet5@32", "command": "python -m cnnjax.bench lenet5", "result": row},
             {"name": "resnet18@32", "result": {**row, "model": "resnet18", "xla_compiler_options": {}}},
             {"name": "vgg16@224", "skipped": "needs GPU session"}]
-    text = bench_suite.render(runs, sweeps=[], compiles=[], meta={"device": "cpu", "date": "d",
-                                                                  "versions": "jax x",
-                                                                  "command": "python run.py"})
+    compiled = {"batch_size": 32, "trace_seconds": 14.4, "compile_seconds": 69.0,
+                "eval_compile_seconds": 6.7, "init_seconds": 35.2}
+    compiles = [{"name": "densenet201@224", "command": "c", "result": compiled},
+                {"name": "resnet152@224", "error": "timed out"}]
+    text = bench_suite.render(runs, sweeps=[], compiles=compiles,
+                              meta={"device": "cpu", "date": "d", "versions": "jax x",
+                                    "command": "python run.py"})
     assert "| lenet5 | 32 | 8 |" in text and "needs GPU session" in text
+    assert "| densenet201@224 | 32 | 14.4 | 69.0 | 6.7 | 35.2 |" in text
+    assert "| resnet152@224 |  | failed: timed out | | | |" in text
     assert "python run.py" in text and "jax x" in text
     assert ("(cnnjax/xla_options.py): lenet5: xla_cpu_experimental_ynn_fusion_type=''; "
             "resnet18: XLA's default") in text
