@@ -4,7 +4,7 @@ For each depthwise layer shape of MobileNetV2 and EfficientNet-B0 (at 224x224 in
 scaled by --image-size / 224), times the forward pass and the gradient with respect to input and
 weight (a forward pass plus the backward pass) of:
 - `xla`: `lax.conv_general_dilated` with feature_group_count = channels;
-- `taps`: `layers.depthwise_conv`, weight gradient summed over the whole batch at once;
+- `taps`: `cpu_conv.depthwise_conv`, weight gradient summed over the whole batch at once;
 - `taps_per_image`: the same with the weight gradient taken image by image (what CPUs get);
 - `torch` (with --compare-torch, when torch is importable): `nn.Conv2d(groups=C)`, channels_last,
   bf16 autocast for --precision bf16, eager mode.
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cnnjax import bench, layers
+from cnnjax import bench, cpu_conv
 
 # (model, spatial size at 224 input, channels, kernel, stride)
 LAYERS = [("mobilenet_v2", 112, 32, 3, 1), ("mobilenet_v2", 112, 96, 3, 2),
@@ -51,10 +51,10 @@ def _forms(kernel: int, stride: int) -> dict[str, Any]:
                                         feature_group_count=x.shape[-1])
 
     def taps(x, w):
-        return layers.depthwise_conv(x, w, stride, padding, image_by_image=False)
+        return cpu_conv.depthwise_conv(x, w, stride, padding, image_by_image=False)
 
     def taps_per_image(x, w):
-        return layers.depthwise_conv(x, w, stride, padding, image_by_image=True)
+        return cpu_conv.depthwise_conv(x, w, stride, padding, image_by_image=True)
 
     return {"xla": xla, "taps": taps, "taps_per_image": taps_per_image}
 

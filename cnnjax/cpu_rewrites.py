@@ -1,4 +1,4 @@
-"""The CNNJAX_CPU_REWRITES switch for cnnjax's CPU forms (cnnjax/layers.py, cnnjax/batchnorm.py,
+"""The CNNJAX_CPU_REWRITES switch for cnnjax's CPU forms (cnnjax/cpu_conv.py, cnnjax/batchnorm.py,
 cnnjax/models/densenet.py), and the fusion boundary they share."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The building blocks every model shares: convolution padding, pooling, norms, activations, initialisers."""
+"""The building blocks every model shares: the Conv module, im2col, pooling, norms, activations, initialisers."""
 
 from __future__ import annotations
 
@@ -13,15 +13,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from cnnjax.batchnorm import BatchNorm
-from cnnjax.cpu_rewrites import cpu_rewrites_enabled, kept
+from cnnjax.cpu_conv import conv_general_dilated
+from cnnjax.padding import PaddingLike, explicit_padding, pad_pairs, pair
 
 Array = jax.Array
 ModuleDef = Any
-PaddingLike = str | int | Sequence[tuple[int, int]]
-
-
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)  # type: ignore[return-value]
 
 
 def _unknown(kind: str, name: str, choices: Sequence[str]) -> ValueError:
@@ -30,379 +26,12 @@ def _unknown(kind: str, name: str, choices: Sequence[str]) -> ValueError:
     return ValueError(f"unknown {kind} {name!r}.{hint} Choose one of: {', '.join(sorted(choices))}.")
 
 
-# --- padding and output size -------------------------------------------------------------------
-
-
-def explicit_padding(
-    padding: PaddingLike, kernel_size: int | Sequence[int], dilation: int | Sequence[int] = 1
-) -> str | list[tuple[int, int]]:
-    """Translates 'VALID', 'SAME', 'FULL' or an int into what `lax.conv_general_dilated` accepts.
-
-    FULL pads k-1 zeros on each side (the textbook 'full' convolution), which `lax` has no name for.
-    """
-    kernel, dil = _pair(kernel_size), _pair(dilation)
-    if isinstance(padding, str):
-        mode = padding.upper()
-        if mode == "FULL":
-            return [((k - 1) * d, (k - 1) * d) for k, d in zip(kernel, dil, strict=True)]
-        if mode in ("SAME", "VALID"):
-            return mode
-        raise _unknown("padding", padding, ["VALID", "SAME", "FULL"])
-    if isinstance(padding, int):
-        return [(padding, padding)] * len(kernel)
-    return [tuple(p) for p in padding]  # type: ignore[misc]
-
-
-def conv_output_size(size: int, kernel: int, stride: int = 1, padding: PaddingLike = "VALID",
-                     dilation: int = 1) -> int:
-    """Output length of a convolution or pooling along one axis: floor((n + 2p - k_eff) / s) + 1."""
-    k_eff = (kernel - 1) * dilation + 1
-    if isinstance(padding, str) and padding.upper() == "SAME":
-        return -(-size // stride)  # ceil(n / s), independent of the kernel
-    pads = explicit_padding(padding, kernel, dilation)
-    low, high = (0, 0) if pads == "VALID" else pads[0]
-    return (size + low + high - k_eff) // stride + 1
-
-
-def pad_pairs(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
-              padding: Any) -> list[tuple[int, int]]:
-    """(low, high) zero padding per spatial axis for 'VALID', 'SAME' or explicit pairs, as lax pads."""
-    if isinstance(padding, str):
-        if padding.upper() == "VALID":
-            return [(0, 0)] * len(spatial)
-        return lax.padtype_to_pads(tuple(spatial), tuple(kernel), tuple(strides), "SAME")
-    return [tuple(p) for p in padding]  # type: ignore[misc]
-
-
-# --- convolution on CPU ---------------------------------------------------------------------------
-#
-# XLA:CPU runs every convolution through one generic kernel. Five common shapes have a faster form
-# on CPU, chosen at lowering time by `lax.platform_dependent`, so GPUs and TPUs compile the plain
-# convolution and the CPU program holds only the rewritten one. Same parameters, same results up to
-# float rounding. `CNNJAX_CPU_REWRITES=off` turns all five off, with the cropped kernel and the
-# stored input below (and cnnjax/batchnorm.py's CPU form).
-#
-# - "pointwise": a 1x1 kernel (bottlenecks, MobileNet's pointwise layers, DenseNet's transitions) is
-#   a matrix product over channels. Its weight gradient is then a GEMM, where XLA:CPU's convolution
-#   first copies the input from NHWC to CHWN.
-# - "whole": a VALID kernel as large as its input (LeNet-5's C5) is a dense layer on the flattened
-#   input.
-# - "taps": a first layer on 1 to 3 input channels (grayscale or RGB) is a sum of at most
-#   TAPS_MAX_TERMS shifted slices times a weight row, one elementwise loop. XLA:CPU's kernel is slow
-#   on so few input channels: this way LeNet-5's C1 forward pass runs 10x faster, a 3x3 RGB stem's 4x
-#   (benchmarks/RESULTS.md). The gradients stay the convolution's own.
-# - "narrow": any other stride-1 layer on at most NARROW_MAX_CHANNELS input channels (LeNet-5's
-#   C3) keeps XLA's forward pass and weight gradient, but computes its input gradient as one GEMM
-#   per kernel row plus shifted adds. XLA:CPU's kernel builds [kh * kw * C_out]-wide patches of the
-#   output gradient for a product only C_in columns wide; the row GEMMs ran 1.2x to 4.5x faster below
-#   8 input channels, mixed at 8, even at 12 and 5x slower at 16 (benchmarks/RESULTS.md).
-# - "depthwise": a depthwise layer (one filter per channel: MobileNet, EfficientNet) is a sum of
-#   kh * kw shifted slices times a per-channel weight, one fused loop with channels innermost, and
-#   so is its input gradient. Its weight gradient takes the kh * kw sums one image at a time. XLA:CPU's
-#   grouped convolution ran these layers' forward pass 15x to 66x slower and their gradient 8x to 29x
-#   slower; mobilenet_v2 trains 5x faster, efficientnet_b0 4x (benchmarks/RESULTS.md).
-#
-# Before picking a form, a kernel whose outer taps meet only padding, on every output, is cropped to
-# the taps that meet the input ("cropped kernel", `live_taps`): ImageNet nets on CIFAR-size images
-# run 3x3 and 5x5 kernels on 1x1 and 2x2 maps (ResNet-18's layer4, GoogLeNet's last inceptions),
-# where all but the centre taps multiply padding. XLA's kernel computes those zeros and flips and
-# copies the whole kernel for the input gradient; cropped to one tap, the layer is "pointwise".
-#
-# Every convolution on CPU whose weight gradient is XLA's own (STORED_INPUT_FORMS) also gets a
-# "stored input" for its backward pass. XLA:CPU computes a weight gradient over the input copied
-# from NHWC to CHWN, and it fuses the elementwise work that produced the input (batch norm, ReLU, a
-# ResNet's whole residual stream) into that copy, so the backward pass recomputed it from up to 20
-# operands: over half of resnet20's op time went to these copies. Under differentiation the input
-# passes through a `lax.cond`, which XLA cannot fuse across, so the copy reads the stored input
-# once. resnet20 trains 1.24x faster, LeNet-5 1.38x; the larger nets measured within noise
-# (benchmarks/RESULTS.md).
-
-_NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
-TAPS_MAX_CHANNELS = 3
-TAPS_MAX_TERMS = 75  # kh * kw * C_in; 5x5x6 (150 terms) and 7x7x3 (147) were slower than XLA's kernel
-NARROW_MAX_CHANNELS = 7
-# The forms whose weight gradient is XLA's convolution, with its NHWC -> CHWN copy of the input (the
-# others take it from a GEMM or an image-by-image loop, which read the input where it is).
-STORED_INPUT_FORMS = (None, "taps", "narrow")
-
-
-def _zero_padding(padding: Any) -> bool:
-    if isinstance(padding, str):
-        return padding == "VALID"
-    return all(tuple(p) == (0, 0) for p in padding)
-
-
-def cpu_conv_form(lhs_shape: Sequence[int], rhs_shape: Sequence[int], padding: Any,
-                  lhs_dilation: Any = None, rhs_dilation: Any = None, dimension_numbers: Any = _NHWC,
-                  feature_group_count: int = 1, window_strides: Sequence[int] = (1, 1)) -> str | None:
-    """The CPU form of an NHWC convolution: 'pointwise', 'whole', 'taps', 'narrow', 'depthwise', or
-    None (XLA's kernel)."""
-    if (len(lhs_shape) != 4 or dimension_numbers != _NHWC
-            or any(d != 1 for d in (lhs_dilation or ()))):
-        return None
-    kh, kw, c_in, c_out = rhs_shape
-    if feature_group_count != 1:
-        depthwise = c_in == 1 and feature_group_count == lhs_shape[3] == c_out
-        pads = pad_pairs(lhs_shape[1:3], (kh, kw), window_strides, padding)
-        if (depthwise and all(d == 1 for d in (rhs_dilation or ()))
-                and min(p for pair in pads for p in pair) >= 0):
-            return "depthwise"
-        return None
-    if (kh, kw) == (1, 1) and (padding == "SAME" or _zero_padding(padding)):
-        return "pointwise"
-    if any(d != 1 for d in (rhs_dilation or ())):
-        return None
-    if tuple(lhs_shape[1:3]) == (kh, kw) and _zero_padding(padding):
-        return "whole"
-    if c_in <= TAPS_MAX_CHANNELS and kh * kw * c_in <= TAPS_MAX_TERMS:
-        return "taps"
-    pads = pad_pairs(lhs_shape[1:3], (kh, kw), window_strides, padding)
-    if (c_in <= NARROW_MAX_CHANNELS and all(s == 1 for s in window_strides)
-            and min(p for pair in pads for p in pair) >= 0):
-        return "narrow"
-    return None
-
-
-def live_taps(lhs_shape: Sequence[int], rhs_shape: Sequence[int], strides: Sequence[int],
-              padding: Any) -> tuple[list[tuple[int, int]], list[tuple[int, int]]] | None:
-    """For an undilated NHWC convolution ("cropped kernel" above): the (first, stop) kernel taps per
-    spatial axis that meet the input on some output, and the padding that gives the kernel cropped
-    to them the same output. None when every tap is live, or when cropping needs negative padding."""
-    taps, pads = [], []
-    spatial, kernels = lhs_shape[1:3], rhs_shape[:2]
-    for size, kernel, stride, (low, high) in zip(
-            spatial, kernels, strides, pad_pairs(spatial, kernels, strides, padding), strict=True):
-        out = (size + low + high - kernel) // stride + 1
-        # Output i reads input rows i * stride - low + t for taps t; those rows hold input (not
-        # padding) for some i only if low - (out - 1) * stride <= t <= low + size - 1.
-        first, stop = max(0, low - (out - 1) * stride), min(kernel, low + size)
-        new_low = low - first
-        new_high = (out - 1) * stride + (stop - first) - size - new_low  # the least keeping `out`
-        if first >= stop or new_high + stride - 1 < 0:  # would need negative padding: leave it
-            return None
-        taps.append((first, stop))
-        pads.append((new_low, max(new_high, 0)))
-    if all(t == (0, k) for t, k in zip(taps, kernels, strict=True)):
-        return None
-    return taps, pads
-
-
-def _tap_sum(x: Array, w: Array, strides: tuple[int, int], padding: Any) -> Array:
-    """The convolution as sum over (i, j, c) of x's (i, j)-shifted, strided slice of channel c times
-    w[i, j, c, :], accumulated in fp32: one fused elementwise loop.
-
-    The sum runs channel-major ([N, C_out, Ho, Wo], then one transpose to NHWC), so the loop's
-    innermost axis is the image width, not the 1 to 3 channels. Why: XLA fuses the sum with the
-    layer's bias and activation, and with channels innermost LLVM leaves the fused loop scalar; a
-    tanh after LeNet's C1 then cost ten times the sum itself.
-    """
-    kh, kw, c_in, _ = w.shape
-    pads = pad_pairs(x.shape[1:3], (kh, kw), strides, padding)
-    if not _zero_padding(pads):
-        x = jnp.pad(x, [(0, 0), pads[0], pads[1], (0, 0)])
-    (sh, sw), (h, wd) = strides, x.shape[1:3]
-    ho, wo = (h - kh) // sh + 1, (wd - kw) // sw + 1
-    xf = jnp.transpose(x.astype(jnp.float32), (0, 3, 1, 2))  # [N, C_in, H, W]
-    wf = w.astype(jnp.float32)[..., None, None]  # [kh, kw, C_in, C_out, 1, 1]
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            window = xf[:, :, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw]
-            for c in range(c_in):
-                term = window[:, c:c + 1] * wf[i, j, c]
-                out = term if out is None else out + term
-    return jnp.transpose(out, (0, 2, 3, 1)).astype(jnp.result_type(x, w))
-
-
-def _row_input_gradient(g: Array, w: Array, x_shape: Sequence[int], padding: Any) -> Array:
-    """dL/dx of a stride-1 NHWC convolution from its output gradient g, in fp32: for each kernel row
-    i one GEMM g[N*Ho*Wo, C_out] @ w[i] -> [N, Ho, Wo, kw, C_in], then the kh * kw slices added at
-    their shifts (one fused loop) and the padding cropped off."""
-    kh, kw, c_in, c_out = w.shape
-    n, ho, wo, _ = g.shape
-    rows = g.reshape(-1, c_out)
-    grad = None
-    for i in range(kh):
-        w_row = jnp.transpose(w[i], (2, 0, 1)).reshape(c_out, kw * c_in)
-        t = lax.dot(rows, w_row, preferred_element_type=jnp.float32).reshape(n, ho, wo, kw, c_in)
-        for j in range(kw):
-            term = jnp.pad(t[:, :, :, j], [(0, 0), (i, kh - 1 - i), (j, kw - 1 - j), (0, 0)])
-            grad = term if grad is None else grad + term
-    (top, _), (left, _) = pad_pairs(x_shape[1:3], (kh, kw), (1, 1), padding)
-    return grad[:, top:top + x_shape[1], left:left + x_shape[2]]
-
-
-def _depthwise_windows(x: Array, kernel: Sequence[int], strides: Sequence[int],
-                       padding: Any) -> list[tuple[tuple[int, int], Array]]:
-    """For each kernel tap (i, j), the strided slice of zero-padded x ([N, H, W, C] or one image
-    [H, W, C]) that meets w[i, j]."""
-    (kh, kw), (sh, sw) = kernel, strides
-    pads = pad_pairs(x.shape[-3:-1], kernel, strides, padding)
-    x = jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [*pads, (0, 0)])
-    h, wd = x.shape[-3:-1]
-    ho, wo = (h - kh) // sh + 1, (wd - kw) // sw + 1
-    return [((i, j), x[..., i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :])
-            for i in range(kh) for j in range(kw)]
-
-
-def _depthwise_tap_sum(x: Array, w: Array, strides: Sequence[int], padding: Any) -> Array:
-    """A depthwise convolution (w: [kh, kw, 1, C]) as the sum over taps of x's shifted slice times
-    w[i, j, 0]: one fused elementwise loop in fp32, channels innermost."""
-    wf = w.astype(jnp.float32)
-    out = None
-    for (i, j), window in _depthwise_windows(x.astype(jnp.float32), w.shape[:2], strides, padding):
-        out = window * wf[i, j, 0] if out is None else out + window * wf[i, j, 0]
-    return out.astype(jnp.result_type(x, w))
-
-
-def _depthwise_weight_gradient(x: Array, g: Array, kernel: Sequence[int], strides: Sequence[int],
-                               padding: Any, image_by_image: bool = True) -> Array:
-    """dL/dw [kh, kw, 1, C] of a depthwise convolution, in fp32.
-
-    Each tap's gradient is a sum over the batch of its window times g. Over the whole batch XLA:CPU
-    reads x and g once per tap, from memory; a `lax.scan` over the images (image_by_image) reads one
-    image's x and g into cache and takes all kh * kw sums from there (2.5x to 4.9x faster on CPU,
-    benchmarks/RESULTS.md). An accelerator wants the batch-wide sums instead.
-    """
-    kh, kw = kernel
-    if not image_by_image:
-        gf = g.astype(jnp.float32)
-        sums = [jnp.sum(window * gf, axis=(0, 1, 2))
-                for _, window in _depthwise_windows(x.astype(jnp.float32), kernel, strides, padding)]
-        return jnp.stack(sums).reshape(kh, kw, 1, -1)
-
-    def one_image(total: Array, xg: tuple[Array, Array]) -> tuple[Array, None]:
-        xi, gi = xg
-        sums = [jnp.sum(window * gi, axis=(0, 1))
-                for _, window in _depthwise_windows(xi, kernel, strides, padding)]
-        return total + jnp.stack(sums), None
-
-    zero = jnp.zeros((kh * kw, x.shape[-1]), jnp.float32)
-    total, _ = lax.scan(one_image, zero, (x.astype(jnp.float32), g.astype(jnp.float32)))
-    return total.reshape(kh, kw, 1, -1)
-
-
-def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], padding: Any,
-                         lhs_dilation: Any = None, rhs_dilation: Any = None,
-                         dimension_numbers: Any = None, feature_group_count: int = 1,
-                         precision: Any = None, preferred_element_type: Any = None) -> Array:
-    """`lax.conv_general_dilated` with the CPU forms above; what `Conv` calls."""
-    strides = tuple(window_strides)
-    conv = functools.partial(
-        lax.conv_general_dilated, window_strides=strides, padding=padding,
-        lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-        feature_group_count=feature_group_count, precision=precision,
-        preferred_element_type=preferred_element_type)
-    if not cpu_rewrites_enabled():
-        return conv(lhs, rhs)
-    live = (live_taps(lhs.shape, rhs.shape, strides, padding)
-            if lhs.ndim == 4 and dimension_numbers == _NHWC
-            and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))) else None)
-    if live is not None:
-        (rows, cols), cropped_padding = live
-
-        def cropped(x: Array, w: Array) -> Array:
-            return conv_general_dilated(
-                x, w[rows[0]:rows[1], cols[0]:cols[1]], strides, cropped_padding,
-                dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-                precision=precision, preferred_element_type=preferred_element_type)
-
-        return lax.platform_dependent(lhs, rhs, cpu=cropped, default=conv)
-    form = cpu_conv_form(lhs.shape, rhs.shape, padding, lhs_dilation, rhs_dilation,
-                         dimension_numbers, feature_group_count, strides)
-    dot = functools.partial(lax.dot_general, precision=precision,
-                            preferred_element_type=preferred_element_type)
-
-    def pointwise(x: Array, w: Array) -> Array:
-        return dot(x[:, ::strides[0], ::strides[1], :], w[0, 0], (((3,), (0,)), ((), ())))
-
-    def whole(x: Array, w: Array) -> Array:
-        y = dot(x.reshape(x.shape[0], -1), w.reshape(-1, w.shape[-1]), (((1,), (0,)), ((), ())))
-        return y.reshape(x.shape[0], 1, 1, -1)
-
-    def taps_backward(x: Array, w: Array, g: Array) -> tuple[Array, Array]:
-        # The tap sum's own weight gradient is kh * kw * C_in reductions over the batch, several
-        # times slower than XLA's (benchmarks/RESULTS.md), so the gradients are the convolution's.
-        return jax.vjp(conv, x, w)[1](g)
-
-    def narrow_backward(x: Array, w: Array, g: Array) -> tuple[Array, Array]:
-        w_grad = jax.vjp(lambda w: conv(x, w), w)[1](g)[0]
-        return _row_input_gradient(g, w, x.shape, padding).astype(x.dtype), w_grad
-
-    taps = _with_backward(lambda x, w: _tap_sum(x, w, strides, padding), taps_backward)
-    narrow = _with_backward(conv, narrow_backward)
-
-    def depthwise(x: Array, w: Array) -> Array:
-        return depthwise_conv(x, w, strides, padding)
-
-    rewritten = {"pointwise": pointwise, "whole": whole, "taps": taps, "narrow": narrow,
-                 "depthwise": depthwise}.get(form, conv)
-
-    def cpu(x: Array, w: Array) -> Array:
-        if form in STORED_INPUT_FORMS:
-            x = _stored(x, _first(w))
-        return rewritten(x, w)
-
-    return lax.platform_dependent(lhs, rhs, cpu=cpu, default=conv)
-
-
-def depthwise_conv(x: Array, w: Array, strides: int | Sequence[int] = 1, padding: Any = "SAME", *,
-                   image_by_image: bool = True) -> Array:
-    """Depthwise convolution of NHWC x with w [kh, kw, 1, C] as shifted slices times weights: the
-    CPU form "depthwise" above, callable on any device (`benchmarks/depthwise.py` times it against
-    XLA's grouped convolution there). image_by_image picks the weight gradient's loop."""
-    strides = _pair(strides)
-
-    def forward(x: Array, w: Array) -> Array:
-        return _depthwise_tap_sum(x, w, strides, padding)
-
-    def backward(x: Array, w: Array, g: Array) -> tuple[Array, Array]:
-        # The input gradient is the tap sum's own (each tap's g * w padded back into place, one
-        # fused loop). g is kept in memory first: that loop reads g at kh * kw shifts, and XLA would
-        # recompute the work behind g at each of them.
-        g = kept(g, _first(w))
-        x_grad = jax.vjp(lambda x: forward(x, w), x)[1](g)[0]
-        w_grad = _depthwise_weight_gradient(x, g, w.shape[:2], strides, padding, image_by_image)
-        return x_grad, w_grad.astype(w.dtype)
-
-    return _with_backward(forward, backward)(x, w)
-
-
-def _with_backward(forward: Callable[[Array, Array], Array],
-                   backward: Callable[[Array, Array, Array], tuple[Array, Array]]
-                   ) -> Callable[[Array, Array], Array]:
-    """forward(x, w) with backward(x, w, g) -> (x_grad, w_grad) as its gradient; x and w are the
-    residuals. What each CPU form with its own backward pass is built from."""
-    fn = jax.custom_vjp(forward)
-    fn.defvjp(lambda x, w: (forward(x, w), (x, w)), lambda residuals, g: backward(*residuals, g))
-    return fn
-
-
-def _first(w: Array) -> Array:
-    return lax.stop_gradient(w.reshape(-1)[0])
-
-
-@jax.custom_vjp
-def _stored(x: Array, w0: Array) -> Array:
-    """x itself. Under differentiation it passes through a `lax.cond`, which XLA cannot fuse across,
-    so the backward pass reads the stored x instead of recomputing it ("stored input" above).
-    w0, the kernel's first entry, is the condition: a value XLA cannot fold."""
-    return x
-
-
-def _stored_fwd(x: Array, w0: Array) -> tuple[Array, None]:
-    return kept(x, w0), None
-
-
-def _stored_bwd(_: None, g: Array) -> tuple[Array, None]:
-    return g, None
-
-
-_stored.defvjp(_stored_fwd, _stored_bwd)
+# --- convolution --------------------------------------------------------------------------------
 
 
 class Conv(nn.Conv):
-    """`nn.Conv` that also accepts padding='FULL', with the CPU forms above. Same parameters and names."""
+    """`nn.Conv` that also accepts padding="FULL", with the CPU forms of cnnjax/cpu_conv.py. Same parameters
+    and names."""
 
     conv_general_dilated: Any = conv_general_dilated
 
@@ -424,7 +53,7 @@ def conv_im2col(x: Array, kernel: Array, strides: int | Sequence[int] = 1,
     the product of that [N*Ho*Wo, kh*kw*C_in] matrix with the kernel reshaped to [kh*kw*C_in, C_out].
     """
     kh, kw, c_in, c_out = kernel.shape
-    sh, sw = _pair(strides)
+    sh, sw = pair(strides)
     pads = pad_pairs(x.shape[1:3], (kh, kw), (sh, sw), explicit_padding(padding, (kh, kw)))
     x = jnp.pad(x, [(0, 0), pads[0], pads[1], (0, 0)])
     n, h, w, _ = x.shape
@@ -583,7 +212,7 @@ def adaptive_avg_pool(x: Array, output_size: int | Sequence[int]) -> Array:
     7x7 is repeated (as torch does) and a 5 -> 3 pool uses overlapping bins. A map that already has
     the target size is returned unchanged (VGG at 224, AlexNet at 224).
     """
-    out_h, out_w = _pair(output_size)
+    out_h, out_w = pair(output_size)
     if min(out_h, out_w) < 1:
         raise ValueError(f"adaptive_avg_pool needs an output size >= 1, got {output_size}.")
     _, h, w, _ = x.shape

@@ -13,7 +13,7 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 # keeps XLA's default fusions; tests/test_xla_options.py checks cnnjax's CPU options themselves.
 os.environ.setdefault("CNNJAX_XLA_OPTIONS", "off")
 
-# The CPU forms of the convolution and batch norm (cnnjax/layers.py, cnnjax/batchnorm.py) add tracing
+# The CPU forms of the convolution and batch norm (cnnjax/cpu_conv.py, cnnjax/batchnorm.py) add tracing
 # and compile time to every model that uses them. tests/test_cpu_conv.py and tests/test_batchnorm.py
 # check them against XLA's convolution and flax's batch norm, layer by layer and on whole models, and
 # the modules below train with them as users do; the rest of the suite tests the models and the

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 from jax import export, lax
 
-from cnnjax import batchnorm, layers
+from cnnjax import batchnorm, cpu_conv, layers
 
 # (input shape, kernel shape, strides, padding, the form cnnjax picks on CPU)
 CASES = [
@@ -32,8 +32,8 @@ CASES = [
 
 
 def _ours(strides, padding):
-    return lambda x, w: layers.conv_general_dilated(x, w, strides, padding,
-                                                    dimension_numbers=layers._NHWC)
+    return lambda x, w: cpu_conv.conv_general_dilated(x, w, strides, padding,
+                                                    dimension_numbers=cpu_conv._NHWC)
 
 
 def _xla(strides, padding):
@@ -44,7 +44,7 @@ def _xla(strides, padding):
 
 @pytest.mark.parametrize("x_shape,w_shape,strides,padding,form", CASES)
 def test_cpu_form_matches_the_convolution_and_its_gradients(x_shape, w_shape, strides, padding, form):
-    assert layers.cpu_conv_form(x_shape, w_shape, padding, window_strides=strides) == form
+    assert cpu_conv.cpu_conv_form(x_shape, w_shape, padding, window_strides=strides) == form
     x = jax.random.normal(jax.random.key(0), x_shape)
     w = jax.random.normal(jax.random.key(1), w_shape)
     ours, xla = _ours(strides, padding), _xla(strides, padding)
@@ -100,7 +100,7 @@ def test_live_taps():
     # Deep layers of ImageNet nets on CIFAR-size input (ResNet-18's layer4 at 1x1, GoogLeNet's 5x5s)
     # pad more than their kernel can reach: the taps that only ever meet padding are cropped away.
     for x_shape, w_shape, strides, padding, live in CROP_CASES:
-        assert layers.live_taps(x_shape, w_shape, strides, padding) == live, (x_shape, w_shape)
+        assert cpu_conv.live_taps(x_shape, w_shape, strides, padding) == live, (x_shape, w_shape)
 
 
 # Compiled: to one tap, to a whole-input kernel, one axis only, 5x5 to 3x3, nothing to crop.
@@ -138,15 +138,15 @@ DEPTHWISE_CASES = [
 
 
 def _depthwise(strides, padding, ours=True):
-    conv = layers.conv_general_dilated if ours else lax.conv_general_dilated
-    return lambda x, w: conv(x, w, strides, padding, dimension_numbers=layers._NHWC,
+    conv = cpu_conv.conv_general_dilated if ours else lax.conv_general_dilated
+    return lambda x, w: conv(x, w, strides, padding, dimension_numbers=cpu_conv._NHWC,
                              feature_group_count=x.shape[-1])
 
 
 @pytest.mark.parametrize("x_shape,w_shape,strides,padding", DEPTHWISE_CASES)
 def test_depthwise_form_matches_the_grouped_convolution_and_its_gradients(x_shape, w_shape, strides,
                                                                           padding):
-    assert layers.cpu_conv_form(x_shape, w_shape, padding, feature_group_count=x_shape[-1],
+    assert cpu_conv.cpu_conv_form(x_shape, w_shape, padding, feature_group_count=x_shape[-1],
                                 window_strides=strides) == "depthwise"
     x = jax.random.normal(jax.random.key(0), x_shape)
     w = jax.random.normal(jax.random.key(1), w_shape)
@@ -160,7 +160,7 @@ def test_depthwise_form_matches_the_grouped_convolution_and_its_gradients(x_shap
     chex.assert_trees_all_close(jax.jit(jax.grad(loss(ours), (0, 1)))(x, w), expected,
                                 atol=1e-4, rtol=1e-4)
     # The accelerator variant: the weight gradient summed over the whole batch at once.
-    batch_wide = functools.partial(layers.depthwise_conv, strides=strides, padding=padding,
+    batch_wide = functools.partial(cpu_conv.depthwise_conv, strides=strides, padding=padding,
                                    image_by_image=False)
     chex.assert_trees_all_close(jax.jit(jax.grad(loss(batch_wide), (0, 1)))(x, w), expected,
                                 atol=1e-4, rtol=1e-4)
@@ -179,7 +179,7 @@ def test_depthwise_form_compiles_without_a_convolution_and_other_groupings_keep_
     assert " convolution(" not in grad.lower(x, w).compile().as_text()
     # A channel multiplier (8 outputs from 4 inputs) or AlexNet's two groups: XLA's kernel.
     for w_shape, groups in (((3, 3, 1, 8), 4), ((3, 3, 2, 6), 2)):
-        assert layers.cpu_conv_form((2, 8, 8, 4), w_shape, "SAME", feature_group_count=groups) is None
+        assert cpu_conv.cpu_conv_form((2, 8, 8, 4), w_shape, "SAME", feature_group_count=groups) is None
 
 
 def _fused_computations_with(hlo_text, *ops):

@@ -10,6 +10,7 @@ import pytest
 from jax import lax
 
 from cnnjax import layers
+from cnnjax.padding import conv_output_size, explicit_padding
 
 
 @pytest.mark.parametrize("padding,stride", itertools.product(["VALID", "SAME", "FULL", 2], [1, 2, 3]))
@@ -20,19 +21,19 @@ def test_conv_output_size_follows_the_formula(padding, stride):
     pad = {"VALID": 0, "FULL": 2, 2: 2}.get(padding)
     expected = -(-11 // stride) if padding == "SAME" else (11 + 2 * pad - 3) // stride + 1
     assert y.shape == (1, expected, expected, 3)
-    assert layers.conv_output_size(11, 3, stride, padding) == expected
+    assert conv_output_size(11, 3, stride, padding) == expected
 
 
 def test_valid_shrinks_full_grows_stride_downsizes():
-    assert layers.conv_output_size(28, 5, 1, "VALID") == 24
-    assert layers.conv_output_size(28, 5, 1, "FULL") == 32
-    assert layers.conv_output_size(28, 5, 1, "SAME") == 28
-    assert layers.conv_output_size(28, 3, 2, "SAME") == 14
+    assert conv_output_size(28, 5, 1, "VALID") == 24
+    assert conv_output_size(28, 5, 1, "FULL") == 32
+    assert conv_output_size(28, 5, 1, "SAME") == 28
+    assert conv_output_size(28, 3, 2, "SAME") == 14
 
 
 def test_unknown_padding_names_the_choices():
     with pytest.raises(ValueError, match="unknown padding 'FUL'.*FULL"):
-        layers.explicit_padding("FUL", 3)
+        explicit_padding("FUL", 3)
 
 
 @pytest.mark.parametrize("padding,stride", itertools.product(["VALID", "SAME", "FULL", 1], [1, 2]))
@@ -41,7 +42,7 @@ def test_conv_im2col_equals_lax_conv(padding, stride):
     x = jax.random.normal(kx, (2, 10, 9, 3))
     kernel = jax.random.normal(kk, (3, 4, 3, 5))
     expected = lax.conv_general_dilated(
-        x, kernel, (stride, stride), layers.explicit_padding(padding, (3, 4)),
+        x, kernel, (stride, stride), explicit_padding(padding, (3, 4)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=lax.Precision.HIGHEST)
     got = layers.conv_im2col(x, kernel, stride, padding)
     chex.assert_trees_all_close(got, expected, atol=1e-5, rtol=1e-5)
