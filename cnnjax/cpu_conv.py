@@ -151,6 +151,10 @@ def _tap_sum(x: Array, w: Array, strides: tuple[int, int], padding: Any) -> Arra
             for c in range(c_in):
                 term = window[:, c:c + 1] * wf[i, j, c]
                 out = term if out is None else out + term
+    # Stored channel-major before the transpose: otherwise XLA fuses the sum into its consumer's
+    # loop (bias and activation, in NHWC order after the transpose), where a tanh kept LeNet-5's C1
+    # from vectorising: 5.6 ms for C1 and its tanh at batch 128, 1.2 ms with the sum stored.
+    out = kept(out, lax.stop_gradient(w.reshape(-1)[0]).astype(jnp.float32))
     return jnp.transpose(out, (0, 2, 3, 1)).astype(jnp.result_type(x, w))
 
 
