@@ -16,8 +16,8 @@ def cpu_rewrites_enabled() -> bool:
 
 def kept(v: jax.Array, w0: jax.Array) -> jax.Array:
     """v, stored in memory: XLA cannot fuse the work that produced v into v's users across a cond
-    (`lax.optimization_barrier` does not survive XLA:CPU's pipeline). w0 is a runtime scalar, so XLA
-    cannot fold the condition, chosen so that when it is NaN the result is NaN whatever v is (a
-    convolution's first kernel entry, a DenseNet layer's first output); only then does the second
-    branch run. A second identity branch would let XLA drop the cond."""
+    (`lax.optimization_barrier` does not survive XLA:CPU's pipeline). w0 is a runtime scalar (so XLA
+    cannot fold the condition) chosen so that when it is NaN the result is NaN whatever v is: a
+    convolution's first kernel entry, a DenseNet layer's first output. Only then does the second
+    branch run; a second identity branch would let XLA drop the cond."""
     return lax.cond(w0 == w0, lambda v: v, lambda v: v + w0.astype(v.dtype), v)

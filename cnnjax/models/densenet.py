@@ -43,8 +43,8 @@ def _concat(x: Array, y: Array, keep_gradient: bool) -> Array:
     one loop, and the groups' sums overlap, so the fused code grows with the square of the block's
     depth: densenet201's train step held 214,509 fused instructions (its largest fusion 236 operands)
     and took 140 s to compile on the 2-core CPU. Storing the gradient at every 4th layer bounds each
-    loop to four layers' terms: 83,693 instructions and 75 s, with no measurable change in step time
-    (benchmarks/RESULTS.md). Every layer (m=1) compiled no faster and ran about 20% slower.
+    loop to four layers' terms: 83,821 instructions and 71 s, with no measurable change in step time
+    (benchmarks/RESULTS.md). Storing it at every layer compiled no faster and ran about 20% slower.
     """
     if not (keep_gradient and cpu_rewrites_enabled()):
         return jnp.concatenate([x, y], axis=-1)
