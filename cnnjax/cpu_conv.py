@@ -30,7 +30,8 @@ Array = jax.Array
 # - "taps": a first layer on 1 to 3 input channels (grayscale or RGB) is a sum of at most
 #   TAPS_MAX_TERMS shifted slices times a weight row, one elementwise loop. XLA:CPU's kernel is slow
 #   on so few input channels: this way LeNet-5's C1 forward pass runs 10x faster, a 3x3 RGB stem's 4x
-#   (benchmarks/RESULTS.md). The gradients stay the convolution's own.
+#   (benchmarks/RESULTS.md). The gradients stay the convolution's own. The sum is stored before the
+#   layer's bias and activation, which would otherwise fuse into its loop (`_tap_sum`).
 # - "narrow": any other stride-1 layer on at most NARROW_MAX_CHANNELS input channels (LeNet-5's
 #   C3) keeps XLA's forward pass and weight gradient, but computes its input gradient as one GEMM
 #   per kernel row plus shifted adds. XLA:CPU's kernel builds [kh * kw * C_out]-wide patches of the

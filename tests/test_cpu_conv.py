@@ -33,7 +33,7 @@ CASES = [
 
 def _ours(strides, padding):
     return lambda x, w: cpu_conv.conv_general_dilated(x, w, strides, padding,
-                                                    dimension_numbers=cpu_conv._NHWC)
+                                                      dimension_numbers=cpu_conv._NHWC)
 
 
 def _xla(strides, padding):
