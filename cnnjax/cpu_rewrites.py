@@ -14,6 +14,11 @@ def cpu_rewrites_enabled() -> bool:
     return os.environ.get("CNNJAX_CPU_REWRITES", "on").lower() not in ("off", "0", "false")
 
 
+def first_entry(a: jax.Array) -> jax.Array:
+    """a's first entry with no gradient: the condition `kept` takes."""
+    return lax.stop_gradient(a.reshape(-1)[0])
+
+
 def kept(v: jax.Array, w0: jax.Array) -> jax.Array:
     """v, stored in memory: XLA cannot fuse the work that produced v into v's users across a cond
     (`lax.optimization_barrier` does not survive XLA:CPU's pipeline). w0 is a runtime scalar (so XLA

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cnnjax.cpu_rewrites import cpu_rewrites_enabled, kept
+from cnnjax.cpu_rewrites import cpu_rewrites_enabled, first_entry, kept
 from cnnjax.layers import (
     Conv,
     activation,
@@ -48,7 +48,7 @@ def _concat(x: Array, y: Array, keep_gradient: bool) -> Array:
     """
     if not (keep_gradient and cpu_rewrites_enabled()):
         return jnp.concatenate([x, y], axis=-1)
-    return _concat_kept(x.shape[-1], x, y, lax.stop_gradient(y.reshape(-1)[0]))
+    return _concat_kept(x.shape[-1], x, y, first_entry(y))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -58,7 +58,7 @@ def _concat_kept(split: int, x: Array, y: Array, y0: Array) -> Array:
 
 
 def _concat_kept_fwd(split: int, x: Array, y: Array, y0: Array) -> tuple[Array, Array]:
-    return jnp.concatenate([x, y], axis=-1), y0
+    return _concat_kept(split, x, y, y0), y0
 
 
 def _concat_kept_bwd(split: int, y0: Array, g: Array) -> tuple[Array, Array, Array]:
