@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import jax
@@ -10,6 +11,10 @@ from jax.experimental.compilation_cache import compilation_cache
 
 # Environment variable that overrides the default directory; set it to "off" to disable the cache.
 CACHE_ENV = "CNNJAX_COMPILATION_CACHE"
+# XLA cannot serialise a CPU program that calls oneDNN's convolution (cnnjax/onednn.py): writing it
+# fails with this error, and the program is compiled again at the next launch. JAX warns at every
+# such compile; README says it once ("Compilation cache"), and CNNJAX_CPU_ONEDNN=off caches them.
+UNSERIALISABLE = r"Error writing persistent compilation cache entry .*MemoryError: std::bad_alloc"
 # Programs that compile faster than this are not worth a disk read; 0.5 s keeps the small eval and
 # preprocessing programs of a CIFAR run out while every model's train step goes in.
 MIN_COMPILE_SECONDS = 0.5
@@ -47,6 +52,7 @@ def enable_compilation_cache(
             f"cannot create the compilation cache directory {directory} ({err.strerror}); pass a "
             f"writable path or set {CACHE_ENV}=off"
         ) from None
+    warnings.filterwarnings("ignore", message=UNSERIALISABLE)
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_seconds))

@@ -1,5 +1,5 @@
 """The convolution on CPU: `conv_general_dilated`, which `layers.Conv` calls, runs five common layer
-shapes in faster forms than XLA:CPU's generic kernel."""
+shapes in faster forms than XLA:CPU's generic kernel, and the rest as oneDNN's kernel."""
 
 from __future__ import annotations
 
@@ -11,16 +11,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cnnjax import onednn
 from cnnjax.cpu_rewrites import cpu_rewrites_enabled, first_entry, kept
 from cnnjax.padding import pad_pairs, pair
 
 Array = jax.Array
 
 # XLA:CPU runs every convolution through one generic kernel. Five common shapes have a faster form
-# on CPU, chosen at lowering time by `lax.platform_dependent`, so GPUs and TPUs compile the plain
-# convolution and the CPU program holds only the rewritten one. Same parameters, same results up to
-# float rounding. `CNNJAX_CPU_REWRITES=off` turns all five off, with the cropped kernel and the
-# stored input below (and cnnjax/batchnorm.py's CPU form).
+# on CPU, and the other layers run as oneDNN's kernel, chosen at lowering time by
+# `lax.platform_dependent`, so GPUs and TPUs compile the plain convolution and the CPU program holds
+# only the rewritten one. Same parameters, same results up to float rounding.
+# `CNNJAX_CPU_REWRITES=off` turns all six off, with the cropped kernel and the stored input below
+# (and cnnjax/batchnorm.py's CPU form).
 #
 # - "pointwise": a 1x1 kernel (bottlenecks, MobileNet's pointwise layers, DenseNet's transitions) is
 #   a matrix product over channels. Its weight gradient is then a GEMM, where XLA:CPU's convolution
@@ -42,6 +44,12 @@ Array = jax.Array
 #   so is its input gradient. Its weight gradient takes the kh * kw sums one image at a time. XLA:CPU's
 #   grouped convolution ran these layers' forward pass 15x to 66x slower and their gradient 8x to 29x
 #   slower; mobilenet_v2 trains 5x faster, efficientnet_b0 4x (benchmarks/RESULTS.md).
+# - "onednn": any other float32 layer (groups 1, no dilation) runs its forward pass, and its input
+#   gradient when the stride is 1, as oneDNN's kernel, which jaxlib carries (cnnjax/onednn.py), where
+#   the process has one CPU device. The weight gradient stays XLA's. In steps with YNNPACK's fusions
+#   (models of 1M parameters and more, cnnjax/xla_options.py) resnet18 at 32 px trained 2.5x faster and
+#   resnet50 at 64 px 1.8x; without them XLA's own kernel is closer and resnet20 gained little
+#   (benchmarks/RESULTS.md). `CNNJAX_CPU_ONEDNN=off` turns this form alone off.
 #
 # Before picking a form, a kernel whose outer taps meet only padding, on every output, is cropped to
 # the taps that meet the input ("cropped kernel", `live_taps`): ImageNet nets on CIFAR-size images
@@ -64,7 +72,7 @@ TAPS_MAX_TERMS = 75  # kh * kw * C_in; 5x5x6 (150 terms) and 7x7x3 (147) were sl
 NARROW_MAX_CHANNELS = 7
 # The forms whose weight gradient is XLA's convolution, with its NHWC -> CHWN copy of the input (the
 # others take it from a GEMM or an image-by-image loop, which read the input where it is).
-STORED_INPUT_FORMS = (None, "taps", "narrow")
+STORED_INPUT_FORMS = (None, "taps", "narrow", "onednn")
 
 
 def _zero_padding(padding: Any) -> bool:
@@ -102,6 +110,20 @@ def cpu_conv_form(lhs_shape: Sequence[int], rhs_shape: Sequence[int], padding: A
             and min(p for pair in pads for p in pair) >= 0):
         return "narrow"
     return None
+
+
+def _onednn_applies(lhs: Array, rhs: Array, padding: Any, lhs_dilation: Any, rhs_dilation: Any,
+                    dimension_numbers: Any, feature_group_count: int, strides: Sequence[int],
+                    preferred_element_type: Any) -> bool:
+    """Whether a convolution with no other CPU form runs as oneDNN's ("onednn" above)."""
+    if (lhs.ndim != 4 or dimension_numbers != _NHWC or feature_group_count != 1
+            or any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+            or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32
+            or preferred_element_type not in (None, jnp.float32)):
+        return False
+    pads = pad_pairs(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+    return (min(p for pair in pads for p in pair) >= 0 and onednn.enabled()
+            and onednn.available())
 
 
 def live_taps(lhs_shape: Sequence[int], rhs_shape: Sequence[int], strides: Sequence[int],
@@ -280,8 +302,22 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
     def depthwise(x: Array, w: Array) -> Array:
         return depthwise_conv(x, w, strides, padding)
 
+    if form is None and _onednn_applies(lhs, rhs, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count, strides,
+                                        preferred_element_type):
+        form = "onednn"
+    pads = pad_pairs(lhs.shape[1:3], rhs.shape[:2], strides, padding) if form == "onednn" else None
+
+    def onednn_backward(x: Array, w: Array, g: Array) -> tuple[Array, Array]:
+        if strides == (1, 1) and all(p < k for k, pair in zip(w.shape[:2], pads, strict=True) for p in pair):
+            x_grad = onednn.input_gradient(g, w, pads)
+        else:  # a strided layer's input gradient needs a dilated input, which oneDNN's call lacks
+            x_grad = jax.vjp(lambda x: conv(x, w), x)[1](g)[0]
+        return x_grad, jax.vjp(lambda w: conv(x, w), w)[1](g)[0]
+
+    onednn_form = _with_backward(lambda x, w: onednn.conv(x, w, strides, pads), onednn_backward)
     rewritten = {"pointwise": pointwise, "whole": whole, "taps": taps, "narrow": narrow,
-                 "depthwise": depthwise}.get(form, conv)
+                 "depthwise": depthwise, "onednn": onednn_form}.get(form, conv)
 
     def cpu(x: Array, w: Array) -> Array:
         if form in STORED_INPUT_FORMS:

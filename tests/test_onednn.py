@@ -1,0 +1,144 @@
+"""oneDNN's convolution through jaxlib's custom call (cnnjax/onednn.py) against XLA's convolution, and
+the "onednn" CPU form of `cpu_conv.conv_general_dilated` that uses it."""
+
+import os
+import platform
+import subprocess
+import sys
+import warnings
+
+import chex
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+import pytest
+from jax import export, lax
+
+from cnnjax import cpu_conv, onednn
+
+needs_onednn = pytest.mark.skipif(not onednn.available(),
+                                  reason="this jaxlib's CPU backend runs no oneDNN convolution")
+
+
+def _xla(x, w, strides, padding):
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    precision=lax.Precision.HIGHEST)
+
+
+def test_available_where_it_was_verified():
+    # x86-64 Linux with jaxlib 0.10 is where the config encoding was read and checked; elsewhere the
+    # probe may say no, and the form then stays off.
+    if platform.machine() != "x86_64" or not jaxlib.__version__.startswith("0.10."):
+        pytest.skip("the oneDNN call was verified on x86-64 with jaxlib 0.10 only")
+    assert onednn.available()
+
+
+# (input shape, kernel shape, strides, explicit padding): asymmetric and non-square throughout,
+# a stride that drops input rows (VALID, stride 2 on 8), and AlexNet's 11x11 stride-4 stem.
+CASES = [
+    ((2, 7, 6, 5), (3, 2, 5, 4), (1, 1), ((1, 1), (0, 1))),
+    ((2, 8, 9, 3), (3, 3, 3, 4), (2, 2), ((0, 0), (0, 0))),
+    ((1, 23, 23, 3), (11, 11, 3, 8), (4, 4), ((2, 2), (2, 2))),
+]
+
+
+@needs_onednn
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding", CASES)
+def test_conv_and_input_gradient_match_xla(x_shape, w_shape, strides, padding):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(x_shape, np.float32)
+    w = rng.standard_normal(w_shape, np.float32)
+    expected = _xla(x, w, strides, padding)
+    g = rng.standard_normal(_xla(x, w, (1, 1), padding).shape, np.float32)
+    x_grad = jax.vjp(lambda x: _xla(x, w, (1, 1), padding), x)[1](g)[0]
+
+    def ours(x, w, g):
+        return onednn.conv(x, w, strides, padding), onednn.input_gradient(g, w, padding)
+
+    out, ours_grad = jax.jit(ours)(x, w, g)
+    chex.assert_trees_all_close(out, expected, atol=1e-4, rtol=1e-5)
+    chex.assert_trees_all_close(ours_grad, x_grad, atol=1e-4, rtol=1e-5)
+
+
+@needs_onednn
+def test_conv_under_vmap_runs_each_element():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 2, 5, 5, 4), np.float32)
+    w = rng.standard_normal((3, 3, 3, 4, 2), np.float32)  # a kernel per element as well
+    padding = ((1, 1), (1, 1))
+    out = jax.vmap(lambda x, w: onednn.conv(x, w, (1, 1), padding))(x, w)
+    chex.assert_trees_all_close(out, jnp.stack([_xla(x[i], w[i], (1, 1), padding) for i in range(3)]),
+                                atol=1e-4, rtol=1e-5)
+
+
+def _ours(strides, padding):
+    return lambda x, w: cpu_conv.conv_general_dilated(x, w, strides, padding,
+                                                      dimension_numbers=cpu_conv._NHWC)
+
+
+@needs_onednn
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
+def test_generic_layers_run_as_onednn_with_xla_weight_gradient(strides, monkeypatch):
+    # 8 input channels, 3x3: no other CPU form applies. The forward pass is oneDNN's; the input
+    # gradient too at stride 1 (one more call) but XLA's at stride 2; the weight gradient XLA's.
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 8))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 8, 6))
+    ours = _ours(strides, "SAME")
+
+    def loss(conv):  # a nonlinear loss, so the cotangent differs at every position
+        return lambda x, w: jnp.sum(jnp.sin(conv(x, w)))
+
+    grad = jax.jit(jax.grad(loss(ours), (0, 1)))
+    expected = jax.grad(loss(lambda x, w: _xla(x, w, strides, "SAME")), (0, 1))(x, w)
+    chex.assert_trees_all_close(grad(x, w), expected, atol=1e-3, rtol=1e-4)
+    hlo = grad.lower(x, w).compile().as_text()
+    calls = hlo.count(f'custom_call_target="{onednn.TARGET}"')
+    assert calls == (2 if strides == (1, 1) else 1), calls
+    assert " convolution(" in hlo  # XLA's weight gradient (and the strided input gradient)
+
+    monkeypatch.setenv(onednn.ENV, "off")
+    assert onednn.TARGET not in jax.jit(ours).lower(x, w).compile().as_text()
+
+
+@needs_onednn
+def test_onednn_form_is_cpu_only():
+    x, w = jnp.ones((2, 6, 6, 8)), jnp.ones((3, 3, 8, 4))
+    fn = jax.jit(_ours((1, 1), "SAME"))
+    # jax.export refuses a custom call with no compatibility guarantee unless told otherwise.
+    allowed = [export.DisabledSafetyCheck.custom_call(onednn.TARGET)]
+    assert onednn.TARGET in export.export(fn, platforms=["cpu"], disabled_checks=allowed)(x, w).mlir_module()
+    module = export.export(fn, platforms=["cuda"])(x, w).mlir_module()
+    assert onednn.TARGET not in module and "stablehlo.convolution" in module
+
+
+def test_not_available_with_several_cpu_devices():
+    # A custom call has no SPMD partitioning rule: a sharded step would gather its whole batch.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    code = "from cnnjax import onednn; print(onednn.available())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
+@needs_onednn
+def test_compilation_cache_skips_onednn_programs_quietly(tmp_path):
+    from jax.experimental.compilation_cache import compilation_cache
+
+    from cnnjax import compile_cache
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_enable_compilation_cache")
+    saved = {k: getattr(jax.config, k) for k in keys}
+    try:
+        compile_cache.enable_compilation_cache(tmp_path, min_compile_seconds=0)
+        x, w = np.ones((1, 5, 5, 2), np.float32), np.ones((3, 3, 2, 2), np.float32)
+        with warnings.catch_warnings(record=True) as caught:
+            jax.jit(lambda x, w: onednn.conv(x, w, (1, 1), ((1, 1), (1, 1))) + 1.0)(x, w)
+        # XLA cannot serialise the call: nothing stored, and JAX's warning about it filtered.
+        assert not [str(c.message) for c in caught if "compilation cache" in str(c.message)]
+        assert not [p for p in tmp_path.iterdir() if "lambda" in p.name]
+    finally:
+        for k, v in saved.items():
+            jax.config.update(k, v)
+        compilation_cache.reset_cache()
