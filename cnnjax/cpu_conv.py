@@ -277,47 +277,13 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
         return lax.platform_dependent(lhs, rhs, cpu=cropped, default=conv)
     form = cpu_conv_form(lhs.shape, rhs.shape, padding, lhs_dilation, rhs_dilation,
                          dimension_numbers, feature_group_count, strides)
-    dot = functools.partial(lax.dot_general, precision=precision,
-                            preferred_element_type=preferred_element_type)
-
-    def pointwise(x: Array, w: Array) -> Array:
-        return dot(x[:, ::strides[0], ::strides[1], :], w[0, 0], (((3,), (0,)), ((), ())))
-
-    def whole(x: Array, w: Array) -> Array:
-        y = dot(x.reshape(x.shape[0], -1), w.reshape(-1, w.shape[-1]), (((1,), (0,)), ((), ())))
-        return y.reshape(x.shape[0], 1, 1, -1)
-
-    def taps_backward(x: Array, w: Array, g: Array) -> tuple[Array, Array]:
-        # The tap sum's own weight gradient is kh * kw * C_in reductions over the batch, several
-        # times slower than XLA's (benchmarks/RESULTS.md), so the gradients are the convolution's.
-        return jax.vjp(conv, x, w)[1](g)
-
-    def narrow_backward(x: Array, w: Array, g: Array) -> tuple[Array, Array]:
-        w_grad = jax.vjp(lambda w: conv(x, w), w)[1](g)[0]
-        return _row_input_gradient(g, w, x.shape, padding).astype(x.dtype), w_grad
-
-    taps = _with_backward(lambda x, w: _tap_sum(x, w, strides, padding), taps_backward)
-    narrow = _with_backward(conv, narrow_backward)
-
-    def depthwise(x: Array, w: Array) -> Array:
-        return depthwise_conv(x, w, strides, padding)
-
     if form is None and _onednn_applies(lhs, rhs, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, strides,
                                         preferred_element_type):
         form = "onednn"
-    pads = pad_pairs(lhs.shape[1:3], rhs.shape[:2], strides, padding) if form == "onednn" else None
-
-    def onednn_backward(x: Array, w: Array, g: Array) -> tuple[Array, Array]:
-        if strides == (1, 1) and all(p < k for k, pair in zip(w.shape[:2], pads, strict=True) for p in pair):
-            x_grad = onednn.input_gradient(g, w, pads)
-        else:  # a strided layer's input gradient needs a dilated input, which oneDNN's call lacks
-            x_grad = jax.vjp(lambda x: conv(x, w), x)[1](g)[0]
-        return x_grad, jax.vjp(lambda w: conv(x, w), w)[1](g)[0]
-
-    onednn_form = _with_backward(lambda x, w: onednn.conv(x, w, strides, pads), onednn_backward)
-    rewritten = {"pointwise": pointwise, "whole": whole, "taps": taps, "narrow": narrow,
-                 "depthwise": depthwise, "onednn": onednn_form}.get(form, conv)
+    dot = functools.partial(lax.dot_general, precision=precision,
+                            preferred_element_type=preferred_element_type)
+    rewritten = _form_function(form, conv, dot, strides, padding)
 
     def cpu(x: Array, w: Array) -> Array:
         if form in STORED_INPUT_FORMS:
@@ -325,6 +291,45 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
         return rewritten(x, w)
 
     return lax.platform_dependent(lhs, rhs, cpu=cpu, default=conv)
+
+
+def _form_function(form: str | None, conv: Callable[[Array, Array], Array], dot: Callable[..., Array],
+                   strides: tuple[int, int], padding: Any) -> Callable[[Array, Array], Array]:
+    """The CPU form `form` of the convolution `conv` as a function of (x, w); `conv` for None. dot is
+    `lax.dot_general` with the convolution's precision and output type."""
+    if form == "pointwise":
+        return lambda x, w: dot(x[:, ::strides[0], ::strides[1], :], w[0, 0], (((3,), (0,)), ((), ())))
+    if form == "whole":
+        return lambda x, w: dot(x.reshape(x.shape[0], -1), w.reshape(-1, w.shape[-1]),
+                                (((1,), (0,)), ((), ()))).reshape(x.shape[0], 1, 1, -1)
+    if form == "taps":
+        # The tap sum's own weight gradient is kh * kw * C_in reductions over the batch, several
+        # times slower than XLA's (benchmarks/RESULTS.md), so the gradients are the convolution's.
+        return _with_backward(lambda x, w: _tap_sum(x, w, strides, padding),
+                              lambda x, w, g: jax.vjp(conv, x, w)[1](g))
+    if form == "narrow":
+        def narrow_backward(x: Array, w: Array, g: Array) -> tuple[Array, Array]:
+            w_grad = jax.vjp(lambda w: conv(x, w), w)[1](g)[0]
+            return _row_input_gradient(g, w, x.shape, padding).astype(x.dtype), w_grad
+
+        return _with_backward(conv, narrow_backward)
+    if form == "depthwise":
+        return lambda x, w: depthwise_conv(x, w, strides, padding)
+    if form == "onednn":
+        def onednn_backward(x: Array, w: Array, g: Array) -> tuple[Array, Array]:
+            pads = pad_pairs(x.shape[1:3], w.shape[:2], strides, padding)
+            if strides == (1, 1) and all(p < k for k, pair in zip(w.shape[:2], pads, strict=True)
+                                         for p in pair):
+                x_grad = onednn.input_gradient(g, w, pads)
+            else:  # a strided layer's input gradient needs a dilated input, which the call lacks
+                x_grad = jax.vjp(lambda x: conv(x, w), x)[1](g)[0]
+            return x_grad, jax.vjp(lambda w: conv(x, w), w)[1](g)[0]
+
+        def onednn_forward(x: Array, w: Array) -> Array:
+            return onednn.conv(x, w, strides, pad_pairs(x.shape[1:3], w.shape[:2], strides, padding))
+
+        return _with_backward(onednn_forward, onednn_backward)
+    return conv
 
 
 def depthwise_conv(x: Array, w: Array, strides: int | Sequence[int] = 1, padding: Any = "SAME", *,
