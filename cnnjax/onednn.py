@@ -15,8 +15,8 @@ C_in images of N channels, the output gradient as the kernel) it was no faster i
 The config's encoding is XLA's internal format and has changed between XLA versions, and a jaxlib
 built without oneDNN lacks the target, so `available()` runs both on a small asymmetric case
 against XLA's convolution once per process before anything uses them. XLA cannot serialise a program
-that holds these calls: such programs miss the persistent compilation cache (cnnjax/compile_cache.py
-says so once instead of JAX's warning).
+that holds these calls: such programs miss the persistent compilation cache (README says so;
+cnnjax/compile_cache.py filters JAX's warning about each of them).
 """
 
 from __future__ import annotations
@@ -90,10 +90,10 @@ def input_gradient(g: Array, w: Array, padding: Sequence[tuple[int, int]]) -> Ar
 
 @functools.cache
 def available() -> bool:
-    """Whether this process can use `conv`: it runs on one CPU device
-    (a custom call has no SPMD rule, so a sharded program would gather its inputs), and this jaxlib's
-    oneDNN call gives XLA's results on a small case with asymmetric padding and a non-square kernel,
-    strided and as an input gradient. Checked once per process (a compile of about 0.1 s)."""
+    """Whether this process can use `conv`: it runs on one CPU device (a custom call has no SPMD
+    rule, so a sharded program would gather its inputs), and this jaxlib's oneDNN call gives XLA's
+    results on a small case with asymmetric padding and a non-square kernel, strided and as an input
+    gradient. Checked once per process (a compile of about 0.1 s)."""
     try:
         if len(jax.devices("cpu")) != 1 or jax.process_count() != 1:
             return False
