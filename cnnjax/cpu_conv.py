@@ -112,13 +112,18 @@ def cpu_conv_form(lhs_shape: Sequence[int], rhs_shape: Sequence[int], padding: A
     return None
 
 
+def _undilated_nhwc(lhs: Array, dimension_numbers: Any, lhs_dilation: Any, rhs_dilation: Any) -> bool:
+    """An NHWC convolution of a 4-d input with no dilation of either operand."""
+    return (lhs.ndim == 4 and dimension_numbers == _NHWC
+            and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))))
+
+
 def _onednn_applies(lhs: Array, rhs: Array, padding: Any, lhs_dilation: Any, rhs_dilation: Any,
                     dimension_numbers: Any, feature_group_count: int, strides: Sequence[int],
                     preferred_element_type: Any) -> bool:
     """Whether a convolution with no other CPU form runs as oneDNN's ("onednn" above)."""
-    if (lhs.ndim != 4 or dimension_numbers != _NHWC or feature_group_count != 1
-            or any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-            or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32
+    if (not _undilated_nhwc(lhs, dimension_numbers, lhs_dilation, rhs_dilation)
+            or feature_group_count != 1 or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32
             or preferred_element_type not in (None, jnp.float32)):
         return False
     pads = pad_pairs(lhs.shape[1:3], rhs.shape[:2], strides, padding)
@@ -263,8 +268,7 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
     if not cpu_rewrites_enabled():
         return conv(lhs, rhs)
     live = (live_taps(lhs.shape, rhs.shape, strides, padding)
-            if lhs.ndim == 4 and dimension_numbers == _NHWC
-            and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))) else None)
+            if _undilated_nhwc(lhs, dimension_numbers, lhs_dilation, rhs_dilation) else None)
     if live is not None:
         (rows, cols), cropped_padding = live
 
