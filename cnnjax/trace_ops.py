@@ -30,7 +30,10 @@ from typing import Any
 
 import jax
 
-CATEGORIES = (("convolution", ("conv", "ynn_fusion")), ("transpose", ("transpose",)),
+# "ffi_call" events are cnnjax's custom calls, all convolutions: oneDNN's ("ffi_call.N__onednn$...")
+# and cnnjax/cpu_kernels.cc's weight gradient ("ffi_call.N"). "conv" alone would take in XLA's
+# "convert" fusions.
+CATEGORIES = (("convolution", ("convolution", "ffi_call", "ynn_fusion")), ("transpose", ("transpose",)),
               ("reduction", ("reduce",)))
 
 
