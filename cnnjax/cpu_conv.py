@@ -1,5 +1,6 @@
 """The convolution on CPU: `conv_general_dilated`, which `layers.Conv` calls, runs five common layer
-shapes in faster forms than XLA:CPU's generic kernel, and the rest as oneDNN's kernel."""
+shapes in faster forms than XLA:CPU's generic kernel, the rest as oneDNN's kernel, and takes weight
+gradients from cnnjax's own CPU kernel."""
 
 from __future__ import annotations
 
@@ -11,18 +12,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cnnjax import onednn
+from cnnjax import cpu_kernels, onednn
 from cnnjax.cpu_rewrites import cpu_rewrites_enabled, first_entry, kept
 from cnnjax.padding import pad_pairs, pair
 
 Array = jax.Array
 
 # XLA:CPU runs every convolution through one generic kernel. Five common shapes have a faster form
-# on CPU, and the other layers run as oneDNN's kernel, chosen at lowering time by
-# `lax.platform_dependent`, so GPUs and TPUs compile the plain convolution and the CPU program holds
-# only the rewritten one. Same parameters, same results up to float rounding.
-# `CNNJAX_CPU_REWRITES=off` turns all six off, with the cropped kernel and the stored input below
-# (and cnnjax/batchnorm.py's CPU form).
+# on CPU, and the other layers run as oneDNN's kernel (or, without it, as "native"), chosen at
+# lowering time by `lax.platform_dependent`, so GPUs and TPUs compile the plain convolution and the
+# CPU program holds only the rewritten one. Same parameters, same results up to float rounding.
+# `CNNJAX_CPU_REWRITES=off` turns every form off, with the native weight gradient, the cropped
+# kernel and the stored input below (and cnnjax/batchnorm.py's CPU form).
 #
 # - "pointwise": a 1x1 kernel (bottlenecks, MobileNet's pointwise layers, DenseNet's transitions) is
 #   a matrix product over channels. Its weight gradient is then a GEMM, where XLA:CPU's convolution
@@ -32,11 +33,12 @@ Array = jax.Array
 # - "taps": a first layer on 1 to 3 input channels (grayscale or RGB) is a sum of at most
 #   TAPS_MAX_TERMS shifted slices times a weight row, one elementwise loop. XLA:CPU's kernel is slow
 #   on so few input channels: this way LeNet-5's C1 forward pass runs 10x faster, a 3x3 RGB stem's 4x
-#   (benchmarks/RESULTS.md). The gradients stay the convolution's own. The sum is stored before the
-#   layer's bias and activation, which would otherwise fuse into its loop (`_tap_sum`).
+#   (benchmarks/RESULTS.md). The input gradient stays the convolution's own, the weight gradient is
+#   the native one below. The sum is stored before the layer's bias and activation, which would
+#   otherwise fuse into its loop (`_tap_sum`).
 # - "narrow": any other stride-1 layer on at most NARROW_MAX_CHANNELS input channels (LeNet-5's
-#   C3) keeps XLA's forward pass and weight gradient, but computes its input gradient as one GEMM
-#   per kernel row plus shifted adds. XLA:CPU's kernel builds [kh * kw * C_out]-wide patches of the
+#   C3) keeps XLA's forward pass, but computes its input gradient as one GEMM per kernel row plus
+#   shifted adds. XLA:CPU's kernel builds [kh * kw * C_out]-wide patches of the
 #   output gradient for a product only C_in columns wide; the row GEMMs ran 1.2x to 4.5x faster below
 #   8 input channels, mixed at 8, even at 12 and 5x slower at 16 (benchmarks/RESULTS.md).
 # - "depthwise": a depthwise layer (one filter per channel: MobileNet, EfficientNet) is a sum of
@@ -46,10 +48,19 @@ Array = jax.Array
 #   slower; mobilenet_v2 trains 5x faster, efficientnet_b0 4x (benchmarks/RESULTS.md).
 # - "onednn": any other float32 layer (groups 1, no dilation) runs its forward pass, and its input
 #   gradient when the stride is 1, as oneDNN's kernel, which jaxlib carries (cnnjax/onednn.py), where
-#   the process has one CPU device. The weight gradient stays XLA's. In steps with YNNPACK's fusions
-#   (models of 1M parameters and more, cnnjax/xla_options.py) resnet18 at 32 px trained 2.5x faster and
-#   resnet50 at 64 px 1.8x; without them XLA's own kernel is closer and resnet20 gained little
-#   (benchmarks/RESULTS.md). `CNNJAX_CPU_ONEDNN=off` turns this form alone off.
+#   the process has one CPU device; the weight gradient is the native one below. In steps with
+#   YNNPACK's fusions (models of 1M parameters and more, cnnjax/xla_options.py) resnet18 at 32 px
+#   trained 2.5x faster and resnet50 at 64 px 1.8x; without them XLA's own kernel is closer and
+#   resnet20 gained little (benchmarks/RESULTS.md). `CNNJAX_CPU_ONEDNN=off` turns this form alone off.
+# - "native": where oneDNN's call is off or unavailable, the same layers keep XLA's forward pass and
+#   input gradient and take the native weight gradient.
+#
+# Native weight gradient: the float32 layers of the forms taps, narrow, onednn and native (one
+# group, no dilation, non-negative padding, a multiple of 8 filters) take dL/dw from cnnjax/cpu_kernels.cc, a kernel built on
+# first use with the machine's C++ compiler (cnnjax/cpu_kernels.py), where XLA:CPU would copy the
+# input to CHWN and run Eigen's generic convolution: 2x to 3x faster per layer, resnet20's train step
+# 1.25x (benchmarks/RESULTS.md). Without a compiler, or with `CNNJAX_CPU_NATIVE=off`, or with
+# several CPU devices, XLA's weight gradient runs.
 #
 # Before picking a form, a kernel whose outer taps meet only padding, on every output, is cropped to
 # the taps that meet the input ("cropped kernel", `live_taps`): ImageNet nets on CIFAR-size images
@@ -57,22 +68,23 @@ Array = jax.Array
 # where all but the centre taps multiply padding. XLA's kernel computes those zeros and flips and
 # copies the whole kernel for the input gradient; cropped to one tap, the layer is "pointwise".
 #
-# Every convolution on CPU whose weight gradient is XLA's own (STORED_INPUT_FORMS) also gets a
-# "stored input" for its backward pass. XLA:CPU computes a weight gradient over the input copied
-# from NHWC to CHWN, and it fuses the elementwise work that produced the input (batch norm, ReLU, a
+# Every convolution on CPU whose weight gradient is XLA's own or native (STORED_INPUT_FORMS) also
+# gets a "stored input" for its backward pass. XLA:CPU computes a weight gradient over the input
+# copied from NHWC to CHWN, and it fuses the elementwise work that produced the input (batch norm, ReLU, a
 # ResNet's whole residual stream) into that copy, so the backward pass recomputed it from up to 20
 # operands: over half of resnet20's op time went to these copies. Under differentiation the input
 # passes through a `lax.cond`, which XLA cannot fuse across, so the copy reads the stored input
 # once. resnet20 trains 1.24x faster, LeNet-5 1.38x; the larger nets measured within noise
-# (benchmarks/RESULTS.md).
+# (benchmarks/RESULTS.md). The native kernel reads its input where it lies, but the store measured
+# no slower with it (resnet20: 349 against 362 ms), so it stays.
 
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 TAPS_MAX_CHANNELS = 3
 TAPS_MAX_TERMS = 75  # kh * kw * C_in; 5x5x6 (150 terms) and 7x7x3 (147) were slower than XLA's kernel
 NARROW_MAX_CHANNELS = 7
-# The forms whose weight gradient is XLA's convolution, with its NHWC -> CHWN copy of the input (the
-# others take it from a GEMM or an image-by-image loop, which read the input where it is).
-STORED_INPUT_FORMS = (None, "taps", "narrow", "onednn")
+# The forms whose weight gradient is XLA's convolution (with its NHWC -> CHWN copy of the input) or
+# the native kernel; the others take it from a GEMM or an image-by-image loop.
+STORED_INPUT_FORMS = (None, "taps", "narrow", "onednn", "native")
 
 
 def _zero_padding(padding: Any) -> bool:
@@ -118,17 +130,17 @@ def _undilated_nhwc(lhs: Array, dimension_numbers: Any, lhs_dilation: Any, rhs_d
             and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))))
 
 
-def _onednn_applies(lhs: Array, rhs: Array, padding: Any, lhs_dilation: Any, rhs_dilation: Any,
-                    dimension_numbers: Any, feature_group_count: int, strides: Sequence[int],
-                    preferred_element_type: Any) -> bool:
-    """Whether a convolution with no other CPU form runs as oneDNN's ("onednn" above)."""
+def _generic_float32(lhs: Array, rhs: Array, padding: Any, lhs_dilation: Any, rhs_dilation: Any,
+                     dimension_numbers: Any, feature_group_count: int, strides: Sequence[int],
+                     preferred_element_type: Any) -> bool:
+    """A float32, undilated NHWC convolution of one group with non-negative padding: what the
+    "onednn" and "native" forms take."""
     if (not _undilated_nhwc(lhs, dimension_numbers, lhs_dilation, rhs_dilation)
             or feature_group_count != 1 or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32
             or preferred_element_type not in (None, jnp.float32)):
         return False
     pads = pad_pairs(lhs.shape[1:3], rhs.shape[:2], strides, padding)
-    return (min(p for pair in pads for p in pair) >= 0 and onednn.enabled()
-            and onednn.available())
+    return min(p for pair in pads for p in pair) >= 0
 
 
 def live_taps(lhs_shape: Sequence[int], rhs_shape: Sequence[int], strides: Sequence[int],
@@ -281,10 +293,13 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
         return lax.platform_dependent(lhs, rhs, cpu=cropped, default=conv)
     form = cpu_conv_form(lhs.shape, rhs.shape, padding, lhs_dilation, rhs_dilation,
                          dimension_numbers, feature_group_count, strides)
-    if form is None and _onednn_applies(lhs, rhs, padding, lhs_dilation, rhs_dilation,
-                                        dimension_numbers, feature_group_count, strides,
-                                        preferred_element_type):
-        form = "onednn"
+    if form is None and _generic_float32(lhs, rhs, padding, lhs_dilation, rhs_dilation,
+                                         dimension_numbers, feature_group_count, strides,
+                                         preferred_element_type):
+        if onednn.enabled() and onednn.available():
+            form = "onednn"
+        elif rhs.shape[3] % 8 == 0 and cpu_kernels.enabled() and cpu_kernels.available():
+            form = "native"
     dot = functools.partial(lax.dot_general, precision=precision,
                             preferred_element_type=preferred_element_type)
     rewritten = _form_function(form, conv, dot, strides, padding)
@@ -310,11 +325,12 @@ def _form_function(form: str | None, conv: Callable[[Array, Array], Array], dot:
         # The tap sum's own weight gradient is kh * kw * C_in reductions over the batch, several
         # times slower than XLA's (benchmarks/RESULTS.md), so the gradients are the convolution's.
         return _with_backward(lambda x, w: _tap_sum(x, w, strides, padding),
-                              lambda x, w, g: jax.vjp(conv, x, w)[1](g))
+                              lambda x, w, g: (jax.vjp(lambda x: conv(x, w), x)[1](g)[0],
+                                               _weight_gradient(conv, x, w, g, strides, padding)))
     if form == "narrow":
         def narrow_backward(x: Array, w: Array, g: Array) -> tuple[Array, Array]:
-            w_grad = jax.vjp(lambda w: conv(x, w), w)[1](g)[0]
-            return _row_input_gradient(g, w, x.shape, padding).astype(x.dtype), w_grad
+            return (_row_input_gradient(g, w, x.shape, padding).astype(x.dtype),
+                    _weight_gradient(conv, x, w, g, strides, padding))
 
         return _with_backward(conv, narrow_backward)
     if form == "depthwise":
@@ -327,13 +343,29 @@ def _form_function(form: str | None, conv: Callable[[Array, Array], Array], dot:
                 x_grad = onednn.input_gradient(g, w, pads)
             else:  # a strided layer's input gradient needs a dilated input, which the call lacks
                 x_grad = jax.vjp(lambda x: conv(x, w), x)[1](g)[0]
-            return x_grad, jax.vjp(lambda w: conv(x, w), w)[1](g)[0]
+            return x_grad, _weight_gradient(conv, x, w, g, strides, padding)
 
         def onednn_forward(x: Array, w: Array) -> Array:
             return onednn.conv(x, w, strides, pad_pairs(x.shape[1:3], w.shape[:2], strides, padding))
 
         return _with_backward(onednn_forward, onednn_backward)
+    if form == "native":
+        return _with_backward(conv, lambda x, w, g: (jax.vjp(lambda x: conv(x, w), x)[1](g)[0],
+                                                     _weight_gradient(conv, x, w, g, strides, padding)))
     return conv
+
+
+def _weight_gradient(conv: Callable[[Array, Array], Array], x: Array, w: Array, g: Array,
+                     strides: tuple[int, int], padding: Any) -> Array:
+    """dL/dw of `conv` (undilated NHWC, one group) at (x, w) from its output gradient g: cnnjax's
+    CPU kernel for float32 with non-negative padding and a multiple of 8 filters ("native weight
+    gradient" above), else XLA's."""
+    pads = pad_pairs(x.shape[1:3], w.shape[:2], strides, padding)
+    if (x.dtype == w.dtype == g.dtype == jnp.float32 and w.shape[3] % 8 == 0
+            and min(p for pair in pads for p in pair) >= 0
+            and cpu_kernels.enabled() and cpu_kernels.available()):
+        return cpu_kernels.weight_gradient(x, g, w.shape[:2], strides, pads)
+    return jax.vjp(lambda w: conv(x, w), w)[1](g)[0]
 
 
 def depthwise_conv(x: Array, w: Array, strides: int | Sequence[int] = 1, padding: Any = "SAME", *,

@@ -19,8 +19,9 @@ os.environ.setdefault("CNNJAX_XLA_OPTIONS", "off")
 # the modules below train with them as users do; the rest of the suite tests the models and the
 # training code on XLA's convolution and flax's formula, which keeps the suite inside its time
 # budget. `CNNJAX_CPU_REWRITES=on pytest` runs the whole suite with them.
-CPU_FORMS_MODULES = {"test_cpu_conv", "test_onednn", "test_cpu_densenet", "test_batchnorm",
-                     "test_train_step", "test_train_sharded", "test_launch", "test_bench"}
+CPU_FORMS_MODULES = {"test_cpu_conv", "test_onednn", "test_cpu_kernels", "test_cpu_densenet",
+                     "test_batchnorm", "test_train_step", "test_train_sharded", "test_launch",
+                     "test_bench"}
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax import export, lax
 
-from cnnjax import cpu_conv, onednn
+from cnnjax import cpu_conv, cpu_kernels, onednn
 
 needs_onednn = pytest.mark.skipif(not onednn.available(),
                                   reason="this jaxlib's CPU backend runs no oneDNN convolution")
@@ -79,23 +79,29 @@ def _ours(strides, padding):
 
 @needs_onednn
 @pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
-def test_generic_layers_run_as_onednn_with_xla_weight_gradient(strides, monkeypatch):
+def test_generic_layers_run_as_onednn(strides, monkeypatch):
     # 8 input channels, 3x3: no other CPU form applies. The forward pass is oneDNN's; the input
-    # gradient too at stride 1 (one more call) but XLA's at stride 2; the weight gradient XLA's.
+    # gradient too at stride 1 (one more call) but XLA's at stride 2; the weight gradient is
+    # cnnjax's native kernel (tests/test_cpu_kernels.py), or XLA's with that kernel off.
     x = jax.random.normal(jax.random.key(0), (2, 9, 9, 8))
-    w = jax.random.normal(jax.random.key(1), (3, 3, 8, 6))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 8, 16))
     ours = _ours(strides, "SAME")
 
     def loss(conv):  # a nonlinear loss, so the cotangent differs at every position
         return lambda x, w: jnp.sum(jnp.sin(conv(x, w)))
 
-    grad = jax.jit(jax.grad(loss(ours), (0, 1)))
     expected = jax.grad(loss(lambda x, w: _xla(x, w, strides, "SAME")), (0, 1))(x, w)
-    chex.assert_trees_all_close(grad(x, w), expected, atol=1e-3, rtol=1e-4)
-    hlo = grad.lower(x, w).compile().as_text()
-    calls = hlo.count(f'custom_call_target="{onednn.TARGET}"')
-    assert calls == (2 if strides == (1, 1) else 1), calls
-    assert " convolution(" in hlo  # XLA's weight gradient (and the strided input gradient)
+    for native in ("on", "off"):
+        monkeypatch.setenv(cpu_kernels.ENV, native)
+        grad = jax.jit(jax.grad(loss(ours), (0, 1)))
+        chex.assert_trees_all_close(grad(x, w), expected, atol=1e-3, rtol=1e-4)
+        hlo = grad.lower(x, w).compile().as_text()
+        calls = hlo.count(f'custom_call_target="{onednn.TARGET}"')
+        assert calls == (2 if strides == (1, 1) else 1), calls
+        native_calls = hlo.count(f'custom_call_target="{cpu_kernels.WEIGHT_GRADIENT}"')
+        assert native_calls == (native == "on" and cpu_kernels.available()), native
+        # XLA's convolution: the weight gradient without the native kernel, the strided input gradient
+        assert (" convolution(" in hlo) == (not native_calls or strides == (2, 2))
 
     monkeypatch.setenv(onednn.ENV, "off")
     assert onednn.TARGET not in jax.jit(ours).lower(x, w).compile().as_text()

@@ -1,0 +1,169 @@
+"""cnnjax's own CPU kernels (cnnjax/cpu_kernels.py, .cc): the build and its cache, the weight
+gradient against XLA's, and the CPU forms of `cpu_conv.conv_general_dilated` that take it."""
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export, lax
+
+from cnnjax import cpu_conv, cpu_kernels
+
+needs_native = pytest.mark.skipif(not cpu_kernels.available(),
+                                  reason="cnnjax's CPU kernels did not build here")
+TARGET = f'custom_call_target="{cpu_kernels.WEIGHT_GRADIENT}"'
+
+
+def _xla(x, w, strides, padding):
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    precision=lax.Precision.HIGHEST)
+
+
+def test_available_where_a_compiler_is():
+    # The development and CI machines (x86-64 Linux with g++): the kernels must build and pass
+    # their check there, so that the skips below cannot hide a broken build.
+    if platform.system() != "Linux" or shutil.which(os.environ.get("CXX") or "c++") is None:
+        pytest.skip("no C++ compiler on this machine")
+    assert cpu_kernels.available()
+
+
+# (input shape, kernel shape, strides, explicit padding). Between them: 16 output channels (the
+# 2-vector block), 24 (2 + 1 vectors), 8 (1 vector); input channels split into blocks of at most 6
+# (16, 64); strided, asymmetric and zero padding; one image with AlexNet's 11x11 stride-4 stem; 4x4
+# maps, where a chunk holds several images.
+CASES = [
+    ((4, 12, 12, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1))),
+    ((3, 9, 8, 7), (3, 2, 7, 24), (2, 1), ((1, 2), (0, 1))),
+    ((2, 6, 5, 3), (5, 3, 3, 8), (1, 2), ((2, 2), (1, 1))),
+    ((1, 23, 23, 3), (11, 11, 3, 8), (4, 4), ((2, 2), (2, 2))),
+    ((40, 4, 4, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1))),
+    ((2, 5, 5, 4), (1, 1, 4, 8), (2, 2), ((0, 0), (0, 0))),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding", CASES)
+def test_weight_gradient_matches_xla(x_shape, w_shape, strides, padding):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(x_shape, np.float32)
+    w = rng.standard_normal(w_shape, np.float32)
+    out, vjp = jax.vjp(lambda w: _xla(x, w, strides, padding), w)
+    g = rng.standard_normal(out.shape, np.float32)
+    ours = jax.jit(lambda x, g: cpu_kernels.weight_gradient(x, g, w_shape[:2], strides, padding))
+    chex.assert_trees_all_close(ours(x, g), vjp(g)[0], atol=1e-3, rtol=1e-4)
+
+
+# One layer per form that takes the native weight gradient: "taps" (a first layer on 3 channels),
+# "narrow" (4 channels), and "native" itself (8 channels with oneDNN's call off); and LeNet-5's C1
+# (taps, 6 filters), which keeps XLA's: the kernel takes multiples of 8 filters only.
+FORM_CASES = [("taps", (2, 8, 8, 3), (3, 3, 3, 16), 1), ("narrow", (2, 8, 8, 4), (3, 3, 4, 8), 1),
+              ("native", (2, 9, 9, 8), (3, 3, 8, 16), 1), ("taps", (2, 12, 12, 1), (5, 5, 1, 6), 0)]
+
+
+@needs_native
+@pytest.mark.parametrize("form,x_shape,w_shape,calls", FORM_CASES)
+def test_cpu_forms_take_the_native_weight_gradient(form, x_shape, w_shape, calls, monkeypatch):
+    monkeypatch.setenv("CNNJAX_CPU_ONEDNN", "off")
+    assert cpu_conv.cpu_conv_form(x_shape, w_shape, "SAME") == (None if form == "native" else form)
+    x = jax.random.normal(jax.random.key(0), x_shape)
+    w = jax.random.normal(jax.random.key(1), w_shape)
+
+    def loss(conv):  # a nonlinear loss, so the cotangent differs at every position
+        return lambda x, w: jnp.sum(jnp.sin(conv(x, w)))
+
+    ours = loss(lambda x, w: cpu_conv.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                           dimension_numbers=cpu_conv._NHWC))
+    expected = jax.grad(loss(lambda x, w: _xla(x, w, (1, 1), "SAME")), (0, 1))(x, w)
+    grad = jax.jit(jax.grad(ours, (0, 1)))
+    chex.assert_trees_all_close(grad(x, w), expected, atol=1e-3, rtol=1e-4)
+    assert grad.lower(x, w).compile().as_text().count(TARGET) == calls
+    if not calls:
+        return
+    # GPUs and TPUs never see the call (`lax.platform_dependent`), and jax.export needs telling
+    # that a CPU program may hold it.
+    assert cpu_kernels.WEIGHT_GRADIENT not in export.export(grad, platforms=["cuda"])(x, w).mlir_module()
+    allowed = [export.DisabledSafetyCheck.custom_call(cpu_kernels.WEIGHT_GRADIENT)]
+    exported = export.export(grad, platforms=["cpu"], disabled_checks=allowed)(x, w)
+    assert cpu_kernels.WEIGHT_GRADIENT in exported.mlir_module()
+
+    monkeypatch.setenv(cpu_kernels.ENV, "off")
+    grad = jax.jit(jax.grad(ours, (0, 1)))
+    chex.assert_trees_all_close(grad(x, w), expected, atol=1e-3, rtol=1e-4)
+    assert TARGET not in grad.lower(x, w).compile().as_text()
+
+
+def test_build_is_cached_and_failures_name_the_problem(tmp_path, monkeypatch):
+    if shutil.which(os.environ.get("CXX") or "c++") is None:
+        pytest.skip("no C++ compiler on this machine")
+    monkeypatch.setenv(cpu_kernels.CACHE_ENV, str(tmp_path))
+    path = cpu_kernels.build()
+    assert path.parent == tmp_path and path.name.startswith("libcnnjax_cpu_")
+    built_at = path.stat().st_mtime_ns
+    assert cpu_kernels.build() == path and path.stat().st_mtime_ns == built_at  # not built again
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'no-such-cxx' on PATH"):
+        cpu_kernels.build("no-such-cxx")
+    with pytest.raises(RuntimeError, match="false failed to build cpu_kernels.cc"):
+        cpu_kernels.build("false")  # a "compiler" that exits 1
+
+
+def _python(code, **env):
+    return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env),
+                          capture_output=True, text=True, check=True)
+
+
+def test_without_a_compiler_xla_weight_gradient_runs_after_one_warning(tmp_path):
+    code = """
+import jax, jax.numpy as jnp
+from cnnjax import cpu_conv, cpu_kernels
+conv = lambda x, w: cpu_conv.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                  dimension_numbers=cpu_conv._NHWC)
+x, w = jnp.ones((1, 6, 6, 8)), jnp.ones((3, 3, 8, 8))
+grad = jax.jit(jax.grad(lambda w: conv(x, w).sum()))
+print(cpu_kernels.available(), cpu_kernels.WEIGHT_GRADIENT in grad.lower(w).as_text(),
+      float(grad(w)[1, 1, 0, 0]))
+"""
+    out = _python(code, CXX="no-such-cxx", CNNJAX_NATIVE_CACHE=str(tmp_path),
+                  CNNJAX_CPU_ONEDNN="off")
+    assert out.stdout.split() == ["False", "False", "36.0"]  # the centre tap sees all 6x6 pixels
+    assert out.stderr.count("cnnjax's CPU kernels are off") == 1
+    assert "no C++ compiler 'no-such-cxx'" in out.stderr
+
+
+def test_not_available_with_several_cpu_devices():
+    # A custom call has no SPMD partitioning rule: a sharded step would gather its whole batch.
+    out = _python("from cnnjax import cpu_kernels; print(cpu_kernels.available())",
+                  XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    assert out.stdout.strip() == "False"
+
+
+@needs_native
+def test_programs_with_the_kernel_enter_the_compilation_cache(tmp_path):
+    from jax.experimental.compilation_cache import compilation_cache
+
+    from cnnjax import compile_cache
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_enable_compilation_cache")
+    saved = {k: getattr(jax.config, k) for k in keys}
+    try:
+        compile_cache.enable_compilation_cache(tmp_path, min_compile_seconds=0)
+        x, g = np.ones((1, 5, 5, 2), np.float32), np.ones((1, 5, 5, 8), np.float32)
+
+        def native_weight_gradient(x, g):
+            return cpu_kernels.weight_gradient(x, g, (3, 3), (1, 1), ((1, 1), (1, 1))) * 2
+
+        jax.jit(native_weight_gradient)(x, g)
+        # Unlike oneDNN's call (tests/test_onednn.py), XLA serialises this one.
+        assert [p for p in tmp_path.iterdir() if "native_weight_gradient" in p.name]
+    finally:
+        for k, v in saved.items():
+            jax.config.update(k, v)
+        compilation_cache.reset_cache()
