@@ -5,6 +5,7 @@ gradients from cnnjax's own CPU kernel."""
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,7 +34,8 @@ Array = jax.Array
 # - "taps": a first layer on 1 to 3 input channels (grayscale or RGB) is a sum of at most
 #   TAPS_MAX_TERMS shifted slices times a weight row, one elementwise loop. XLA:CPU's kernel is slow
 #   on so few input channels: this way LeNet-5's C1 forward pass runs 10x faster, a 3x3 RGB stem's 4x
-#   (benchmarks/RESULTS.md). The input gradient stays the convolution's own, the weight gradient is
+#   (benchmarks/RESULTS.md). Where oneDNN's kernel runs ("onednn" below), only layers of at most
+#   TAPS_MAX_MACS_BESIDE_ONEDNN multiply-adds per output pixel keep this form. The input gradient stays the convolution's own, the weight gradient is
 #   the native one below. The sum is stored before the layer's bias and activation, which would
 #   otherwise fuse into its loop (`_tap_sum`).
 # - "narrow": any other stride-1 layer on at most NARROW_MAX_CHANNELS input channels (LeNet-5's
@@ -81,6 +83,10 @@ Array = jax.Array
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 TAPS_MAX_CHANNELS = 3
 TAPS_MAX_TERMS = 75  # kh * kw * C_in; 5x5x6 (150 terms) and 7x7x3 (147) were slower than XLA's kernel
+# Beside oneDNN's kernel the tap sum wins only on the narrowest layers: with its ReLU, at batch 128,
+# LeNet-5's C1 (5x5x1x6, 150 multiply-adds per output pixel) took 1.1 ms against oneDNN's 1.7,
+# 5x5x1x8 (200) 1.5 against 1.4, a 3x3 RGB stem to 16 filters (432) 6.4 against 3.1.
+TAPS_MAX_MACS_BESIDE_ONEDNN = 200
 NARROW_MAX_CHANNELS = 7
 # The forms whose weight gradient is XLA's convolution (with its NHWC -> CHWN copy of the input) or
 # the native kernel; the others take it from a GEMM or an image-by-image loop.
@@ -293,12 +299,14 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
         return lax.platform_dependent(lhs, rhs, cpu=cropped, default=conv)
     form = cpu_conv_form(lhs.shape, rhs.shape, padding, lhs_dilation, rhs_dilation,
                          dimension_numbers, feature_group_count, strides)
-    if form is None and _generic_float32(lhs, rhs, padding, lhs_dilation, rhs_dilation,
-                                         dimension_numbers, feature_group_count, strides,
-                                         preferred_element_type):
-        if onednn.enabled() and onednn.available():
+    if form in (None, "taps") and _generic_float32(lhs, rhs, padding, lhs_dilation, rhs_dilation,
+                                                   dimension_numbers, feature_group_count, strides,
+                                                   preferred_element_type):
+        if (onednn.enabled() and onednn.available()
+                and (form is None or math.prod(rhs.shape) > TAPS_MAX_MACS_BESIDE_ONEDNN)):
             form = "onednn"
-        elif rhs.shape[3] % 8 == 0 and cpu_kernels.enabled() and cpu_kernels.available():
+        elif (form is None and rhs.shape[3] % 8 == 0 and cpu_kernels.enabled()
+              and cpu_kernels.available()):
             form = "native"
     dot = functools.partial(lax.dot_general, precision=precision,
                             preferred_element_type=preferred_element_type)

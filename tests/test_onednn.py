@@ -108,6 +108,19 @@ def test_generic_layers_run_as_onednn(strides, monkeypatch):
 
 
 @needs_onednn
+@pytest.mark.parametrize("x_shape,w_shape,calls", [((2, 8, 8, 3), (3, 3, 3, 16), 1),  # an RGB stem
+                                                   ((2, 12, 12, 1), (5, 5, 1, 6), 0)])  # LeNet's C1
+def test_only_the_narrowest_taps_layers_stay_tap_sums_beside_onednn(x_shape, w_shape, calls):
+    # Both are "taps" by shape; beside oneDNN's kernel only layers of at most
+    # TAPS_MAX_MACS_BESIDE_ONEDNN multiply-adds per output pixel keep the tap sum.
+    assert cpu_conv.cpu_conv_form(x_shape, w_shape, "SAME") == "taps"
+    x, w = jax.random.normal(jax.random.key(0), x_shape), jax.random.normal(jax.random.key(1), w_shape)
+    fn = jax.jit(_ours((1, 1), "SAME"))
+    assert fn.lower(x, w).compile().as_text().count(f'custom_call_target="{onednn.TARGET}"') == calls
+    chex.assert_trees_all_close(fn(x, w), _xla(x, w, (1, 1), "SAME"), atol=1e-4, rtol=1e-5)
+
+
+@needs_onednn
 def test_onednn_form_is_cpu_only():
     x, w = jnp.ones((2, 6, 6, 8)), jnp.ones((3, 3, 8, 4))
     fn = jax.jit(_ours((1, 1), "SAME"))
