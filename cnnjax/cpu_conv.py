@@ -35,14 +35,14 @@ Array = jax.Array
 #   TAPS_MAX_TERMS shifted slices times a weight row, one elementwise loop. XLA:CPU's kernel is slow
 #   on so few input channels: this way LeNet-5's C1 forward pass runs 10x faster, a 3x3 RGB stem's 4x
 #   (benchmarks/RESULTS.md). Where oneDNN's kernel runs ("onednn" below), only layers of at most
-#   TAPS_MAX_MACS_BESIDE_ONEDNN multiply-adds per output pixel keep this form. The input gradient stays the convolution's own, the weight gradient is
-#   the native one below. The sum is stored before the layer's bias and activation, which would
-#   otherwise fuse into its loop (`_tap_sum`).
+#   TAPS_MAX_MACS_BESIDE_ONEDNN multiply-adds per output pixel keep this form. The input gradient
+#   stays the convolution's own, the weight gradient is the native one below. The sum is stored
+#   before the layer's bias and activation, which would otherwise fuse into its loop (`_tap_sum`).
 # - "narrow": any other stride-1 layer on at most NARROW_MAX_CHANNELS input channels (LeNet-5's
 #   C3) keeps XLA's forward pass, but computes its input gradient as one GEMM per kernel row plus
-#   shifted adds. XLA:CPU's kernel builds [kh * kw * C_out]-wide patches of the
-#   output gradient for a product only C_in columns wide; the row GEMMs ran 1.2x to 4.5x faster below
-#   8 input channels, mixed at 8, even at 12 and 5x slower at 16 (benchmarks/RESULTS.md).
+#   shifted adds. XLA:CPU's kernel builds [kh * kw * C_out]-wide patches of the output gradient for
+#   a product only C_in columns wide; the row GEMMs ran 1.2x to 4.5x faster below 8 input channels,
+#   mixed at 8, even at 12 and 5x slower at 16 (benchmarks/RESULTS.md).
 # - "depthwise": a depthwise layer (one filter per channel: MobileNet, EfficientNet) is a sum of
 #   kh * kw shifted slices times a per-channel weight, one fused loop with channels innermost, and
 #   so is its input gradient. Its weight gradient takes the kh * kw sums one image at a time. XLA:CPU's
@@ -58,11 +58,12 @@ Array = jax.Array
 #   input gradient and take the native weight gradient.
 #
 # Native weight gradient: the float32 layers of the forms taps, narrow, onednn and native (one
-# group, no dilation, non-negative padding, a multiple of 8 filters) take dL/dw from cnnjax/cpu_kernels.cc, a kernel built on
-# first use with the machine's C++ compiler (cnnjax/cpu_kernels.py), where XLA:CPU would copy the
-# input to CHWN and run Eigen's generic convolution: 2x to 3x faster per layer, resnet20's train step
-# 1.25x (benchmarks/RESULTS.md). Without a compiler, or with `CNNJAX_CPU_NATIVE=off`, or with
-# several CPU devices, XLA's weight gradient runs.
+# group, no dilation, non-negative padding, a multiple of 8 filters) take dL/dw from
+# cnnjax/cpu_kernels.cc, a kernel built on first use with the machine's C++ compiler
+# (cnnjax/cpu_kernels.py), where XLA:CPU would copy the input to CHWN and run Eigen's generic
+# convolution: 1.5x to 3x faster per layer, resnet20's train step 1.26x (benchmarks/RESULTS.md).
+# Without a compiler, or with `CNNJAX_CPU_NATIVE=off`, or with several CPU devices, XLA's weight
+# gradient runs.
 #
 # Before picking a form, a kernel whose outer taps meet only padding, on every output, is cropped to
 # the taps that meet the input ("cropped kernel", `live_taps`): ImageNet nets on CIFAR-size images
@@ -72,13 +73,13 @@ Array = jax.Array
 #
 # Every convolution on CPU whose weight gradient is XLA's own or native (STORED_INPUT_FORMS) also
 # gets a "stored input" for its backward pass. XLA:CPU computes a weight gradient over the input
-# copied from NHWC to CHWN, and it fuses the elementwise work that produced the input (batch norm, ReLU, a
-# ResNet's whole residual stream) into that copy, so the backward pass recomputed it from up to 20
-# operands: over half of resnet20's op time went to these copies. Under differentiation the input
+# copied from NHWC to CHWN, and it fuses the elementwise work that produced the input (batch norm,
+# ReLU, a ResNet's whole residual stream) into that copy, so the backward pass recomputed it from up
+# to 20 operands: over half of resnet20's op time went to these copies. Under differentiation the input
 # passes through a `lax.cond`, which XLA cannot fuse across, so the copy reads the stored input
 # once. resnet20 trains 1.24x faster, LeNet-5 1.38x; the larger nets measured within noise
-# (benchmarks/RESULTS.md). The native kernel reads its input where it lies, but the store measured
-# no slower with it (resnet20: 349 against 362 ms), so it stays.
+# (benchmarks/RESULTS.md). The native kernel reads its input where it lies, but resnet20 trained
+# no slower with the store than without it (three interleaved runs, session 10), so it stays.
 
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 TAPS_MAX_CHANNELS = 3
@@ -331,7 +332,8 @@ def _form_function(form: str | None, conv: Callable[[Array, Array], Array], dot:
                                 (((1,), (0,)), ((), ()))).reshape(x.shape[0], 1, 1, -1)
     if form == "taps":
         # The tap sum's own weight gradient is kh * kw * C_in reductions over the batch, several
-        # times slower than XLA's (benchmarks/RESULTS.md), so the gradients are the convolution's.
+        # times slower than XLA's (benchmarks/RESULTS.md): the input gradient is the convolution's,
+        # the weight gradient native where it applies.
         return _with_backward(lambda x, w: _tap_sum(x, w, strides, padding),
                               lambda x, w, g: (jax.vjp(lambda x: conv(x, w), x)[1](g)[0],
                                                _weight_gradient(conv, x, w, g, strides, padding)))
