@@ -1,4 +1,5 @@
-"""cnnjax/host_memory.py: on CPU-only Linux with glibc, freed memory stays in the process."""
+"""cnnjax/host_memory.py: with CNNJAX_CPU_MALLOC=on, on CPU-only Linux with glibc, freed memory
+stays in the process."""
 
 import os
 import subprocess
@@ -42,9 +43,17 @@ def test_freed_memory_is_reused_without_page_faults():
     assert retains and faults < 8, faults
     retains, faults = _run(JAX_PLATFORMS="cpu", CNNJAX_CPU_MALLOC="off")
     assert not retains and faults >= 32, faults
+    env = {k: v for k, v in os.environ.items() if k != "CNNJAX_CPU_MALLOC"}
+    out = subprocess.run([sys.executable, "-c", CODE], env=dict(env, JAX_PLATFORMS="cpu"),
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split()[0] == "False"  # off by default
 
 
-def test_left_alone_where_an_accelerator_may_run(monkeypatch):
+def test_off_by_default_and_where_an_accelerator_may_run(monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.delenv(host_memory.ENV, raising=False)
+    assert not host_memory.retain_freed_memory()  # opt-in
+    monkeypatch.setenv(host_memory.ENV, "on")
     monkeypatch.setenv("JAX_PLATFORMS", "cuda")
     assert not host_memory._cpu_only() and not host_memory.retain_freed_memory()
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
