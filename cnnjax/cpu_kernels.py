@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
-from jax import lax
+
+from cnnjax.cpu_rewrites import reference_conv, run_apart_on_cpu, single_cpu_process
 
 Array = jax.Array
 ENV = "CNNJAX_CPU_NATIVE"
@@ -111,11 +112,6 @@ def weight_gradient(x: Array, g: Array, kernel: Sequence[int], strides: Sequence
     return call(x, g, sh=np.int64(sh), sw=np.int64(sw), pt=np.int64(pt), pl=np.int64(pl))
 
 
-def _xla_conv(x: Array, w: Array, strides: Sequence[int], padding: Sequence[tuple[int, int]]) -> Array:
-    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                    precision=lax.Precision.HIGHEST)
-
-
 @functools.cache
 def available() -> bool:
     """Whether this process can use the kernels: one CPU device in one process (a custom
@@ -124,15 +120,14 @@ def available() -> bool:
     kernel, 8 and 24 output channels. Checked once per process (about 0.2 s, plus the build
     the first time on a machine: a few seconds)."""
     try:
-        if len(jax.devices("cpu")) != 1 or jax.process_count() != 1:
+        if not single_cpu_process():
             return False
         _register()
         rng = np.random.default_rng(0)
         cases = [((3, 9, 8, 7), (3, 2, 7, 24), (2, 1), ((1, 2), (0, 1))),
                  ((2, 6, 5, 3), (5, 3, 3, 8), (1, 2), ((2, 2), (1, 1)))]
-        on_cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
         for x_shape, w_shape, strides, padding in cases:
-            conv = functools.partial(_xla_conv, strides=strides, padding=padding)
+            conv = functools.partial(reference_conv, strides=strides, padding=padding)
 
             def both(x, w, g, conv=conv, kernel=w_shape[:2], strides=strides, padding=padding):
                 expected = jax.vjp(lambda w: conv(x, w), w)[1](g)[0]
@@ -140,9 +135,7 @@ def available() -> bool:
 
             x, w = (rng.standard_normal(shape, np.float32) for shape in (x_shape, w_shape))
             g = rng.standard_normal(jax.eval_shape(conv, x, w).shape, np.float32)
-            # Compiled for the CPU and run apart from any trace in progress, as onednn.available.
-            shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_cpu) for a in (x, w, g)]
-            ours, expected = jax.jit(both).lower(*shapes).compile()(x, w, g)
+            ours, expected = run_apart_on_cpu(both, x, w, g)
             if not np.allclose(ours, expected, rtol=1e-4, atol=1e-4):
                 raise RuntimeError("its weight gradient disagrees with XLA's convolution")
         return True

@@ -4,8 +4,11 @@ cnnjax/models/densenet.py), and the fusion boundary they share."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
+import numpy as np
 from jax import lax
 
 
@@ -26,3 +29,23 @@ def kept(v: jax.Array, w0: jax.Array) -> jax.Array:
     convolution's first kernel entry, a DenseNet layer's first output. Only then does the second
     branch run; a second identity branch would let XLA drop the cond."""
     return lax.cond(w0 == w0, lambda v: v, lambda v: v + w0.astype(v.dtype), v)
+
+
+def single_cpu_process() -> bool:
+    """One CPU device in one process: where a custom call may replace a convolution (it has no SPMD
+    rule, so a sharded program would gather its inputs)."""
+    return len(jax.devices("cpu")) == 1 and jax.process_count() == 1
+
+
+def reference_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], padding: Any) -> jax.Array:
+    """XLA's NHWC/HWIO convolution at full precision: what a CPU kernel's check compares against."""
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    precision=lax.Precision.HIGHEST)
+
+
+def run_apart_on_cpu(fn: Callable[..., Any], *arrays: np.ndarray) -> Any:
+    """fn(*arrays) compiled for the CPU and run apart from any trace in progress: the CPU forms
+    check their kernels while tracing, and on a GPU host the default device is not the CPU."""
+    on_cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_cpu) for a in arrays]
+    return jax.jit(fn).lower(*shapes).compile()(*arrays)

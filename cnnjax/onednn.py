@@ -30,6 +30,8 @@ import jax
 import numpy as np
 from jax import lax
 
+from cnnjax.cpu_rewrites import reference_conv, run_apart_on_cpu, single_cpu_process
+
 Array = jax.Array
 TARGET = "__onednn$convolution"
 ENV = "CNNJAX_CPU_ONEDNN"
@@ -95,7 +97,7 @@ def available() -> bool:
     results on a small case with asymmetric padding and a non-square kernel, strided and as an input
     gradient. Checked once per process (a compile of about 0.1 s)."""
     try:
-        if len(jax.devices("cpu")) != 1 or jax.process_count() != 1:
+        if not single_cpu_process():
             return False
         rng = np.random.default_rng(0)
         x = rng.standard_normal((2, 7, 6, 3), np.float32)
@@ -103,21 +105,12 @@ def available() -> bool:
         g = rng.standard_normal((2, 7, 6, 4), np.float32)  # the stride-1 output's gradient
         padding = ((1, 1), (0, 1))
 
-        def xla(x: Array, w: Array, strides: tuple[int, int]) -> Array:
-            return lax.conv_general_dilated(x, w, strides, padding,
-                                            dimension_numbers=_dimension_numbers(NHWC),
-                                            precision=lax.Precision.HIGHEST)
-
         def both(x: Array, w: Array, g: Array) -> tuple[list[Array], list[Array]]:
-            x_grad = jax.vjp(lambda x: xla(x, w, (1, 1)), x)[1](g)[0]
+            x_grad = jax.vjp(lambda x: reference_conv(x, w, (1, 1), padding), x)[1](g)[0]
             ours = [conv(x, w, (2, 2), padding), input_gradient(g, w, padding)]
-            return ours, [xla(x, w, (2, 2)), x_grad]
+            return ours, [reference_conv(x, w, (2, 2), padding), x_grad]
 
-        # Compiled for the CPU and run apart from any trace in progress (the forms call this while
-        # tracing, and on a GPU host the default device is not the CPU).
-        on_cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-        shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_cpu) for a in (x, w, g)]
-        ours, theirs = jax.jit(both).lower(*shapes).compile()(x, w, g)
+        ours, theirs = run_apart_on_cpu(both, x, w, g)
         return all(np.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(ours, theirs, strict=True))
     except Exception:  # no such custom call target, or a config this jaxlib reads differently
         return False
