@@ -48,12 +48,14 @@ Array = jax.Array
 #   so is its input gradient. Its weight gradient takes the kh * kw sums one image at a time. XLA:CPU's
 #   grouped convolution ran these layers' forward pass 15x to 66x slower and their gradient 8x to 29x
 #   slower; mobilenet_v2 trains 5x faster, efficientnet_b0 4x (benchmarks/RESULTS.md).
-# - "onednn": any other float32 layer (groups 1, no dilation) runs its forward pass, and its input
-#   gradient when the stride is 1, as oneDNN's kernel, which jaxlib carries (cnnjax/onednn.py), where
-#   the process has one CPU device; the weight gradient is the native one below. In steps with
-#   YNNPACK's fusions (models of 1M parameters and more, cnnjax/xla_options.py) resnet18 at 32 px
-#   trained 2.5x faster and resnet50 at 64 px 1.8x; without them XLA's own kernel is closer and
-#   resnet20 gained little (benchmarks/RESULTS.md). `CNNJAX_CPU_ONEDNN=off` turns this form alone off.
+# - "onednn": any other float32 layer (groups 1, no dilation) runs its forward pass and its input
+#   gradient as oneDNN's kernel, which jaxlib carries (cnnjax/onednn.py), where the process has one
+#   CPU device (a strided layer's input gradient as one stride-1 call per phase of the input, where
+#   XLA's kernel does stride^2 times the work on the dilated gradient); the weight gradient is the
+#   native one below. In steps with YNNPACK's fusions (models of 1M parameters and more,
+#   cnnjax/xla_options.py) resnet18 at 32 px trained 2.5x faster and resnet50 at 64 px 1.8x;
+#   without them XLA's own kernel is closer and resnet20 gained little (benchmarks/RESULTS.md).
+#   `CNNJAX_CPU_ONEDNN=off` turns this form alone off.
 # - "native": where oneDNN's call is off or unavailable, the same layers keep XLA's forward pass and
 #   input gradient and take the native weight gradient.
 #
@@ -348,10 +350,11 @@ def _form_function(form: str | None, conv: Callable[[Array, Array], Array], dot:
     if form == "onednn":
         def onednn_backward(x: Array, w: Array, g: Array) -> tuple[Array, Array]:
             pads = pad_pairs(x.shape[1:3], w.shape[:2], strides, padding)
-            if strides == (1, 1) and all(p < k for k, pair in zip(w.shape[:2], pads, strict=True)
-                                         for p in pair):
+            if strides != (1, 1):  # one stride-1 call per phase of the input
+                x_grad = onednn.strided_input_gradient(g, w, x.shape, strides, pads)
+            elif all(p < k for k, pair in zip(w.shape[:2], pads, strict=True) for p in pair):
                 x_grad = onednn.input_gradient(g, w, pads)
-            else:  # a strided layer's input gradient needs a dilated input, which the call lacks
+            else:
                 x_grad = jax.vjp(lambda x: conv(x, w), x)[1](g)[0]
             return x_grad, _weight_gradient(conv, x, w, g, strides, padding)
 

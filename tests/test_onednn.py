@@ -61,6 +61,32 @@ def test_conv_and_input_gradient_match_xla(x_shape, w_shape, strides, padding):
     chex.assert_trees_all_close(ours_grad, x_grad, atol=1e-4, rtol=1e-5)
 
 
+# (input shape, kernel, strides, padding) of strided layers: ResNet's 3x3 stride 2 on an even and an
+# odd input, a kernel narrower than its stride (a phase no tap reaches: zeros), stride 3 with
+# asymmetric padding, AlexNet's 11x11 stride-4 stem, a 1x1 stride-2 projection.
+STRIDED = [
+    ((2, 8, 8, 3), (3, 3, 3, 8), (2, 2), ((1, 1), (1, 1))),
+    ((2, 7, 9, 3), (3, 3, 3, 8), (2, 2), ((1, 1), (1, 1))),
+    ((2, 9, 8, 3), (1, 3, 3, 8), (2, 3), ((0, 0), (1, 0))),
+    ((1, 10, 11, 2), (3, 2, 2, 4), (3, 3), ((2, 0), (0, 1))),
+    ((1, 23, 23, 3), (11, 11, 3, 8), (4, 4), ((2, 2), (2, 2))),
+    ((2, 8, 8, 4), (1, 1, 4, 8), (2, 2), ((0, 0), (0, 0))),
+]
+
+
+@needs_onednn
+def test_strided_input_gradient_matches_xla():
+    rng = np.random.default_rng(2)
+    for x_shape, w_shape, strides, padding in STRIDED:
+        x = rng.standard_normal(x_shape, np.float32)
+        w = rng.standard_normal(w_shape, np.float32)
+        y, vjp = jax.vjp(lambda x, w=w, s=strides, p=padding: _xla(x, w, s, p), x)
+        g = rng.standard_normal(y.shape, np.float32)
+        ours = jax.jit(onednn.strided_input_gradient, static_argnums=(2, 3, 4))(
+            g, w, x_shape, strides, padding)
+        chex.assert_trees_all_close(ours, vjp(g)[0], atol=1e-4, rtol=1e-5)
+
+
 @needs_onednn
 def test_conv_under_vmap_runs_each_element():
     rng = np.random.default_rng(1)
@@ -80,9 +106,9 @@ def _ours(strides, padding):
 @needs_onednn
 @pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
 def test_generic_layers_run_as_onednn(strides, monkeypatch):
-    # 8 input channels, 3x3: no other CPU form applies. The forward pass is oneDNN's; the input
-    # gradient too at stride 1 (one more call) but XLA's at stride 2; the weight gradient is
-    # cnnjax's native kernel (tests/test_cpu_kernels.py), or XLA's with that kernel off.
+    # 8 input channels, 3x3: no other CPU form applies. The forward pass and the input gradient are
+    # oneDNN's; the weight gradient is cnnjax's native kernel (tests/test_cpu_kernels.py), or XLA's
+    # with that kernel off.
     x = jax.random.normal(jax.random.key(0), (2, 9, 9, 8))
     w = jax.random.normal(jax.random.key(1), (3, 3, 8, 16))
     ours = _ours(strides, "SAME")
@@ -97,11 +123,12 @@ def test_generic_layers_run_as_onednn(strides, monkeypatch):
         chex.assert_trees_all_close(grad(x, w), expected, atol=1e-3, rtol=1e-4)
         hlo = grad.lower(x, w).compile().as_text()
         calls = hlo.count(f'custom_call_target="{onednn.TARGET}"')
-        assert calls == (2 if strides == (1, 1) else 1), calls
+        # At stride 2 the input gradient is one call per phase of the input: 4 for a 3x3 kernel.
+        assert calls == (2 if strides == (1, 1) else 5), calls
         native_calls = hlo.count(f'custom_call_target="{cpu_kernels.WEIGHT_GRADIENT}"')
         assert native_calls == (native == "on" and cpu_kernels.available()), native
-        # XLA's convolution: the weight gradient without the native kernel, the strided input gradient
-        assert (" convolution(" in hlo) == (not native_calls or strides == (2, 2))
+        # XLA's convolution: only the weight gradient without the native kernel
+        assert (" convolution(" in hlo) == (not native_calls)
 
     monkeypatch.setenv(onednn.ENV, "off")
     assert onednn.TARGET not in jax.jit(ours).lower(x, w).compile().as_text()
