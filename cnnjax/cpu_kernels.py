@@ -117,15 +117,16 @@ def available() -> bool:
     """Whether this process can use the kernels: one CPU device in one process (a custom
     call has no SPMD rule, so a sharded program would gather its inputs), the library builds, and its
     weight gradient matches XLA's on small cases: strided with asymmetric padding, a non-square
-    kernel, 8 and 24 output channels. Checked once per process (about 0.2 s, plus the build
-    the first time on a machine: a few seconds)."""
+    kernel, 8, 24 and 40 output channels (every vector block the build has). Checked once per
+    process (about 0.2 s, plus the build the first time on a machine: a few seconds)."""
     try:
         if not single_cpu_process():
             return False
         _register()
         rng = np.random.default_rng(0)
         cases = [((3, 9, 8, 7), (3, 2, 7, 24), (2, 1), ((1, 2), (0, 1))),
-                 ((2, 6, 5, 3), (5, 3, 3, 8), (1, 2), ((2, 2), (1, 1)))]
+                 ((2, 6, 5, 3), (5, 3, 3, 8), (1, 2), ((2, 2), (1, 1))),
+                 ((2, 5, 5, 20), (3, 3, 20, 40), (1, 1), ((1, 1), (1, 1)))]
         for x_shape, w_shape, strides, padding in cases:
             conv = functools.partial(reference_conv, strides=strides, padding=padding)
 

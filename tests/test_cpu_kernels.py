@@ -34,11 +34,14 @@ def test_available_where_a_compiler_is():
     assert cpu_kernels.available()
 
 
-# (input shape, kernel shape, strides, explicit padding). Between them: 16 output channels (the
-# 2-vector block), 24 (2 + 1 vectors), 8 (1 vector); input channels split into blocks of at most 6
-# (16, 64); strided, asymmetric and zero padding; one image with AlexNet's 11x11 stride-4 stem; 4x4
-# maps, where a chunk holds several images.
+# (input shape, kernel shape, strides, explicit padding). Between them, with AVX-512's 16-float
+# vectors (AVX's 8 in brackets): 16 output channels (1 vector [2]), 24 (1 vector and an 8-float
+# tail [2 + 1]), 8 (the tail alone [1]), 40 (a 2-vector block and the tail [2 + 2 + 1]), 64 (two
+# 2-vector blocks [four]); input channels in one block (16 against 1 vector) or split (20 and 64
+# against 2 vectors: blocks of at most 12 [6]); strided, asymmetric and zero padding; one image with
+# AlexNet's 11x11 stride-4 stem; 4x4 maps, where a chunk holds several images.
 CASES = [
+    ((2, 7, 7, 20), (3, 3, 20, 40), (1, 1), ((1, 1), (1, 1))),
     ((4, 12, 12, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1))),
     ((3, 9, 8, 7), (3, 2, 7, 24), (2, 1), ((1, 2), (0, 1))),
     ((2, 6, 5, 3), (5, 3, 3, 8), (1, 2), ((2, 2), (1, 1))),
