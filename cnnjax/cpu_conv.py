@@ -73,15 +73,19 @@ Array = jax.Array
 # where all but the centre taps multiply padding. XLA's kernel computes those zeros and flips and
 # copies the whole kernel for the input gradient; cropped to one tap, the layer is "pointwise".
 #
-# Every convolution on CPU whose weight gradient is XLA's own or native (STORED_INPUT_FORMS) also
-# gets a "stored input" for its backward pass. XLA:CPU computes a weight gradient over the input
+# Every convolution on CPU whose weight gradient is XLA's own or native (STORED_INPUT_FORMS), but
+# for the "onednn" form, also gets a "stored input" for its backward pass. XLA:CPU computes a weight gradient over the input
 # copied from NHWC to CHWN, and it fuses the elementwise work that produced the input (batch norm,
 # ReLU, a ResNet's whole residual stream) into that copy, so the backward pass recomputed it from up
 # to 20 operands: over half of resnet20's op time went to these copies. Under differentiation the input
 # passes through a `lax.cond`, which XLA cannot fuse across, so the copy reads the stored input
 # once. resnet20 trains 1.24x faster, LeNet-5 1.38x; the larger nets measured within noise
-# (benchmarks/RESULTS.md). The native kernel reads its input where it lies, but resnet20 trained
-# no slower with the store than without it (three interleaved runs, session 10), so it stays.
+# (benchmarks/RESULTS.md). The native kernel reads its input where it lies, so the "onednn" form,
+# whose forward pass, input gradient and weight gradient are all custom calls, stores nothing: in
+# interleaved runs (session 11) resnet20 trained 3.5% faster without the store, vgg16 at 32 px 4%,
+# resnet18, resnet50 and googlenet within noise. It keeps the store where its weight gradient is
+# XLA's (fewer than 8 filters, or 8k + 4), and so does "native", where oneDNN is off (XLA's forward
+# pass and input gradient would fuse the input's producers into their loops).
 
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 TAPS_MAX_CHANNELS = 3
@@ -92,8 +96,9 @@ TAPS_MAX_TERMS = 75  # kh * kw * C_in; 5x5x6 (150 terms) and 7x7x3 (147) were sl
 TAPS_MAX_MACS_BESIDE_ONEDNN = 200
 NARROW_MAX_CHANNELS = 7
 # The forms whose weight gradient is XLA's convolution (with its NHWC -> CHWN copy of the input) or
-# the native kernel; the others take it from a GEMM or an image-by-image loop.
-STORED_INPUT_FORMS = (None, "taps", "narrow", "onednn", "native")
+# the native kernel beside XLA's own loops; the others take it from a GEMM or an image-by-image
+# loop, or (onednn) run every pass as a custom call that reads its input where it lies.
+STORED_INPUT_FORMS = (None, "taps", "narrow", "native")
 
 
 def _zero_padding(padding: Any) -> bool:
@@ -315,8 +320,11 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
                             preferred_element_type=preferred_element_type)
     rewritten = _form_function(form, conv, dot, strides, padding)
 
+    stored = form in STORED_INPUT_FORMS or (
+        form == "onednn" and not _native_weight_gradient(lhs, rhs, strides, padding))
+
     def cpu(x: Array, w: Array) -> Array:
-        if form in STORED_INPUT_FORMS:
+        if stored:
             x = _stored(x, first_entry(w))
         return rewritten(x, w)
 
@@ -373,12 +381,19 @@ def _weight_gradient(conv: Callable[[Array, Array], Array], x: Array, w: Array, 
     """dL/dw of `conv` (undilated NHWC, one group) at (x, w) from its output gradient g: cnnjax's
     CPU kernel for float32 with non-negative padding and a multiple of 8 filters ("native weight
     gradient" above), else XLA's."""
-    pads = pad_pairs(x.shape[1:3], w.shape[:2], strides, padding)
-    if (x.dtype == w.dtype == g.dtype == jnp.float32 and w.shape[3] % 8 == 0
-            and min(p for pair in pads for p in pair) >= 0
-            and cpu_kernels.enabled() and cpu_kernels.available()):
+    if g.dtype == jnp.float32 and _native_weight_gradient(x, w, strides, padding):
+        pads = pad_pairs(x.shape[1:3], w.shape[:2], strides, padding)
         return cpu_kernels.weight_gradient(x, g, w.shape[:2], strides, pads)
     return jax.vjp(lambda w: conv(x, w), w)[1](g)[0]
+
+
+def _native_weight_gradient(x: Array, w: Array, strides: tuple[int, int], padding: Any) -> bool:
+    """Whether cnnjax's CPU kernel takes this layer's weight gradient: float32, non-negative
+    padding, a multiple of 8 filters, the kernel built and checked."""
+    pads = pad_pairs(x.shape[1:3], w.shape[:2], strides, padding)
+    return (x.dtype == w.dtype == jnp.float32 and w.shape[3] % 8 == 0
+            and min(p for pair in pads for p in pair) >= 0
+            and cpu_kernels.enabled() and cpu_kernels.available())
 
 
 def depthwise_conv(x: Array, w: Array, strides: int | Sequence[int] = 1, padding: Any = "SAME", *,

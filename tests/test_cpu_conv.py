@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 from jax import export, lax
 
-from cnnjax import batchnorm, cpu_conv, layers
+from cnnjax import batchnorm, cpu_conv, cpu_kernels, layers, onednn
 
 # (input shape, kernel shape, strides, padding, the form cnnjax picks on CPU)
 CASES = [
@@ -188,7 +188,10 @@ def _fused_computations_with(hlo_text, *ops):
 
 
 def test_cpu_backward_reads_the_stored_input_instead_of_recomputing_it(monkeypatch):
-    # 8 input channels: XLA's own kernel, whose weight gradient copies the input to CHWN.
+    # 8 input channels with oneDNN's and the native kernels off: XLA's own kernel, whose weight
+    # gradient copies the input to CHWN.
+    monkeypatch.setenv(onednn.ENV, "off")
+    monkeypatch.setenv(cpu_kernels.ENV, "off")
     x, w, g = jnp.ones((4, 8, 8, 8)), jnp.ones((3, 3, 8, 8)), jnp.ones((4, 8, 8, 8))
     ours = _ours((1, 1), "SAME")
 
@@ -203,6 +206,16 @@ def test_cpu_backward_reads_the_stored_input_instead_of_recomputing_it(monkeypat
     assert " conditional(" in hlo and not _fused_computations_with(hlo, "transpose", "maximum")
     # The forward pass alone (evaluation) stores nothing.
     assert " conditional(" not in jax.jit(f).lower(x, w).compile().as_text()
+    # The onednn form's three passes are custom calls that read the input in place: no store,
+    # unless its weight gradient is XLA's.
+    if onednn.available():
+        monkeypatch.setenv(onednn.ENV, "on")
+        assert " conditional(" in gradient_hlo()
+        if cpu_kernels.available():
+            monkeypatch.setenv(cpu_kernels.ENV, "on")
+            assert " conditional(" not in gradient_hlo()
+        monkeypatch.setenv(onednn.ENV, "off")
+        monkeypatch.setenv(cpu_kernels.ENV, "off")
     # Without it, XLA recomputes the ReLU inside the weight gradient's transposing copy.
     monkeypatch.setenv("CNNJAX_CPU_REWRITES", "off")
     hlo = gradient_hlo()
