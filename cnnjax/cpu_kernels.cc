@@ -21,8 +21,8 @@
 //
 // Work is split into (group of images, block of taps) chunks handed out through an atomic counter
 // to XLA's intra-op thread pool and the calling thread; each worker sums into its own buffer, added
-// at the end. Built with -march=native on the machine that runs it; `v8` and `vw` are GCC/Clang's vector
-// extension, which the compiler maps to AVX or AVX-512 registers, or to pairs of narrower
+// at the end. Built with -march=native on the machine that runs it; `v8` and `vw` are GCC/Clang's
+// vector extension, which the compiler maps to AVX or AVX-512 registers, or to pairs of narrower
 // registers elsewhere.
 
 #include <algorithm>
