@@ -1,10 +1,10 @@
-"""Keeps XLA:CPU's per-step buffers inside the process on CPU-only Linux machines, so that steps stop
-page-faulting. On by default; `CNNJAX_CPU_MALLOC=off` turns it off.
+"""Keeps XLA:CPU's per-step buffers inside the process on CPU-only Linux machines, so that steps
+stop page-faulting. On by default; `CNNJAX_CPU_MALLOC=off` turns it off.
 
 XLA:CPU allocates the temporary buffer of every execution (about 200 MB for resnet20's train step at
 batch 128) with malloc and frees it when the step ends. glibc serves an allocation that large with a
-fresh mmap and unmaps it on free, so every step touches new pages: about 50,000 page faults and 0.1 s
-of kernel time per resnet20 step on the 2-core development machine.
+fresh mmap and unmaps it on free, so every step touches new pages: about 50,000 page faults and
+0.1 s of kernel time per resnet20 step on the 2-core development machine.
 
 Two settings together keep that buffer:
 - JAX's asynchronous CPU dispatch off (`jax_cpu_enable_async_dispatch`): a one-device program then
@@ -66,8 +66,9 @@ def _glibc():
 
 
 def retain_freed_memory() -> bool:
-    """Turns JAX's asynchronous CPU dispatch off and sets glibc's malloc to keep freed memory, unless
-    CNNJAX_CPU_MALLOC=off or the machine is not a CPU-only glibc Linux (see above); whether it did."""
+    """Turns JAX's asynchronous CPU dispatch off and sets glibc's malloc to keep freed memory,
+    unless CNNJAX_CPU_MALLOC=off or the machine is not a CPU-only glibc Linux (see above); whether
+    it did."""
     if os.environ.get(ENV, "on").lower() in ("off", "0", "false") or sys.platform != "linux":
         return False
     if not _cpu_only() or "JAX_CPU_ENABLE_ASYNC_DISPATCH" in os.environ:

@@ -11,8 +11,9 @@ The forward kernel gives the forward pass and the input gradient of a stride-1 l
 gradient convolved, fully padded, with the kernel flipped and its channel axes swapped
 (`input_gradient`). A strided layer's input gradient would need the output gradient dilated by the
 stride, which the call does not take; `strided_input_gradient` splits it into one stride-1 call per
-phase of the input instead (below). The weight gradient stays XLA's: as oneDNN's forward convolution (the input as
-C_in images of N channels, the output gradient as the kernel) it was no faster in whole steps.
+phase of the input instead (below). The weight gradient is not oneDNN's (cnnjax/cpu_kernels.py
+has its own): as oneDNN's forward convolution (the input as C_in images of N channels, the output
+gradient as the kernel) it was no faster in whole steps.
 
 The config's encoding is XLA's internal format and has changed between XLA versions, and a jaxlib
 built without oneDNN lacks the target, so `available()` runs both on a small asymmetric case
@@ -140,7 +141,8 @@ def strided_input_gradient(g: Array, w: Array, x_shape: Sequence[int], strides: 
             gp = gp[:, :gp.shape[1] + min(0, pad_h[1]), :gp.shape[2] + min(0, pad_w[1])]
             pads = [(low, max(0, high)) for low, high in pads]
             part = conv(gp, w[ti, tj][::-1, ::-1], (1, 1), pads, (1, 1), _SWAPPED)
-            line.append(jnp.pad(part, [(0, 0), (0, height - count_h), (0, width - count_w), (0, 0)]))
+            pad = [(0, 0), (0, height - count_h), (0, width - count_w), (0, 0)]
+            line.append(jnp.pad(part, pad))
         grid.append(jnp.stack(line, axis=3))  # [N, height, width, sw, C]
     full = jnp.stack(grid, axis=2).reshape(n, height * sh, width * sw, c_in)
     return full[:, :h, :wd]
