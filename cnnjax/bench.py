@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -216,17 +218,64 @@ def _time_with_pipeline(parts, holder, dataset, path, size, channels, batch_size
             **{f"data_train_{k}": v for k, v in rates.items()}}
 
 
-def compare_torch(result: dict[str, Any], *, steps: int, repeats: int,
-                  modes: tuple[str, ...] = ("eager", "compile")) -> dict[str, Any]:
-    """Adds the PyTorch equivalent's numbers and the cnnjax/torch train throughput ratio."""
+# Runs the torch benchmark in a fresh process and prints its result (or the error) as JSON.
+_TORCH_CHILD = """
+import json, sys
+try:
+    import cnnjax
     from cnnjax import bench_torch
+    out = bench_torch.run_torch_benchmark(**json.loads(sys.argv[1]))
+    print(json.dumps(out | {"under_malloc_setting": cnnjax.RETAINS_FREED_MEMORY}))
+except ImportError as err:
+    print(json.dumps({"import_error": str(err)}))
+except ValueError as err:
+    print(json.dumps({"value_error": str(err)}))
+"""
+TORCH_PROCESSES = ("same", "separate")
 
+
+def _torch_in_fresh_process(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """run_torch_benchmark(**kwargs) in a new Python process with CNNJAX_CPU_MALLOC=off: torch as
+    installed, under glibc's defaults rather than this process's malloc setting
+    (cnnjax/host_memory.py). Raises ImportError or ValueError as the call there did."""
+    env = dict(os.environ, CNNJAX_CPU_MALLOC="off")
+    done = subprocess.run([sys.executable, "-c", _TORCH_CHILD, json.dumps(kwargs)], env=env,
+                          capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"the torch benchmark process failed: {last}")
+    out = json.loads(lines[-1])
+    if "import_error" in out:
+        raise ImportError(out["import_error"])
+    if "value_error" in out:
+        raise ValueError(out["value_error"])
+    return out
+
+
+def compare_torch(result: dict[str, Any], *, steps: int, repeats: int,
+                  modes: tuple[str, ...] = ("eager", "compile"),
+                  process: str = "same") -> dict[str, Any]:
+    """Adds the PyTorch equivalent's numbers and the cnnjax/torch train throughput ratio. process
+    "same" times torch in this process (under cnnjax's malloc setting, which speeds torch's CPU
+    steps too), "separate" in a fresh one with glibc's defaults (torch as installed)."""
+    if process not in TORCH_PROCESSES:
+        raise ValueError(f"--torch-process {process!r} unknown; use one of "
+                         f"{', '.join(TORCH_PROCESSES)}")
     spec = models.get_spec(result["model"])
-    torch_result = bench_torch.run_torch_benchmark(
-        result["model"], batch_size=result["batch_size"], image_size=result["image_size"],
-        in_channels=spec.in_channels, num_classes=spec.num_classes,
-        precision=result["precision"], steps=steps, repeats=repeats, modes=modes)
-    out = {f"torch_{k}": v for k, v in torch_result.items()}
+    kwargs = dict(name=result["model"], batch_size=result["batch_size"],
+                  image_size=result["image_size"], in_channels=spec.in_channels,
+                  num_classes=spec.num_classes, precision=result["precision"], steps=steps,
+                  repeats=repeats, modes=list(modes))
+    if process == "separate":
+        torch_result = _torch_in_fresh_process(kwargs)
+    else:
+        import cnnjax
+        from cnnjax import bench_torch
+
+        torch_result = bench_torch.run_torch_benchmark(**kwargs | {"modes": tuple(modes)})
+        torch_result["under_malloc_setting"] = cnnjax.RETAINS_FREED_MEMORY
+    out = {f"torch_{k}": v for k, v in torch_result.items()} | {"torch_process": process}
     best = torch_result.get("best_train_images_per_second")
     if best and "train_images_per_second" in result:
         out["ratio_vs_torch"] = result["train_images_per_second"] / best
@@ -235,12 +284,12 @@ def compare_torch(result: dict[str, Any], *, steps: int, repeats: int,
 
 def with_torch(result: dict[str, Any], compare: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """`result` plus `compare()`'s PyTorch numbers, or "torch_skipped" saying why there are none
-    (torch not installed, or no torch equivalent of the model)."""
+    (torch not installed, no torch equivalent of the model, or its own process failed)."""
     try:
         return result | compare()
     except ImportError as err:
         return result | {"torch_skipped": f"torch not importable: {err}"}
-    except ValueError as err:  # no torch equivalent of this model here
+    except (ValueError, RuntimeError) as err:  # no torch equivalent here; its process failed
         return result | {"torch_skipped": str(err)}
 
 
@@ -266,9 +315,10 @@ def format_report(r: dict[str, Any]) -> str:
     if "data_train_images_per_second" in r:
         lines.append(f"  with pipeline ({r['data']}, resident={r['data_resident']}): "
                      f"{r['data_train_images_per_second']:,.1f} images/s")
+    where = ", own process" if r.get("torch_process") == "separate" else ""
     for mode in ("eager", "compile"):
         if f"torch_{mode}_train_images_per_second" in r:
-            lines.append(f"  torch {mode} ({r['torch_source']}): "
+            lines.append(f"  torch {mode} ({r['torch_source']}{where}): "
                          f"train {r[f'torch_{mode}_train_images_per_second']:,.1f} images/s, "
                          f"eval {r[f'torch_{mode}_eval_images_per_second']:,.1f} images/s")
         elif f"torch_{mode}_error" in r:
@@ -298,6 +348,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="time the PyTorch equivalent in the same process")
     parser.add_argument("--torch-modes", default="eager,compile",
                         help="comma list of eager, compile (torch.compile)")
+    parser.add_argument("--torch-process", default="same", choices=list(TORCH_PROCESSES),
+                        help="same: torch in this process, under cnnjax's CPU malloc setting; "
+                             "separate: a fresh process with glibc's defaults (torch as installed)")
     parser.add_argument("--compile-only", action="store_true", help="measure compile time only")
     parser.add_argument("--profile", action="store_true",
                         help="also trace --steps train steps with jax.profiler: time per op kind")
@@ -335,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
             return result
         modes = tuple(m for m in args.torch_modes.split(",") if m)
         return with_torch(result, lambda: compare_torch(
-            result, steps=args.steps, repeats=args.repeats, modes=modes))
+            result, steps=args.steps, repeats=args.repeats, modes=modes,
+            process=args.torch_process))
 
     return emit(measure, args.json, format_report)
 

@@ -167,6 +167,27 @@ def test_torch_benchmark_keys():
     assert result["eager_train_images_per_second"] > 0 and result["best_train_images_per_second"] > 0
 
 
+def test_torch_runs_in_this_process_or_its_own(lenet_json):
+    pytest.importorskip("torch")
+    import cnnjax
+
+    result = {"model": "lenet5", "batch_size": 4, "image_size": 32, "precision": "fp32",
+              "train_images_per_second": 100.0}
+    same = bench.compare_torch(result, steps=1, repeats=1, modes=("eager",))
+    assert same["torch_process"] == "same"
+    assert same["torch_under_malloc_setting"] == cnnjax.RETAINS_FREED_MEMORY
+    # Its own process runs torch under glibc's defaults, whatever this process set.
+    own = bench.compare_torch(result, steps=1, repeats=1, modes=("eager",), process="separate")
+    assert own["torch_process"] == "separate" and own["torch_under_malloc_setting"] is False
+    assert own["torch_eager_train_images_per_second"] > 0 and own["ratio_vs_torch"] > 0
+    assert "own process" in bench.format_report(lenet_json | own)
+    # Errors there come back as they would here: no equivalent of the model is a skip.
+    skipped = bench.with_torch(result, lambda: bench.compare_torch(
+        result | {"model": "mobilenet_v1"}, steps=1, repeats=1, modes=("eager",),
+        process="separate"))
+    assert "torchvision" in skipped["torch_skipped"]
+
+
 def test_epoch_benchmark_runs_epochs_of_the_resident_pipeline(capsys):
     assert bench_epoch.main(["lenet5", "--num-train", "70", "--batch-size", "16", "--epochs", "2",
                              "--json"]) == 0
