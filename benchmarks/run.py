@@ -41,13 +41,16 @@ PLANS = {
                 batch={"lenet5": 128, "resnet20": 128, "resnet18": 32},
                 sweeps={"resnet20": [16, 32, 64, 128]},
                 compile_only=["resnet152", "densenet201"], torch=True,
-                epoch={"resnet20": None, "resnet18": None}),  # 50,000 images: hours on 2 cores
+                epoch={"resnet20": None, "resnet18": None},  # 50,000 images: hours on 2 cores
+                # Again against torch in its own process, under glibc's defaults: in the suite's
+                # process it runs under cnnjax's malloc setting, which speeds torch's CPU steps too.
+                torch_separate=["lenet5", "resnet20", "resnet18"]),
 }
 TORCH_MODELS_WITHOUT_TORCHVISION = ("lenet5", "resnet20")
 
 
 def bench_command(model: str, size: int, batch: int, plan: dict, *, torch: bool,
-                  compile_only: bool = False) -> list[str]:
+                  compile_only: bool = False, torch_process: str = "same") -> list[str]:
     cmd = [sys.executable, "-m", "cnnjax.bench", model, "--image-size", str(size), "--batch-size",
            str(batch), "--precision", plan["precision"], "--steps", str(plan["steps"]),
            "--repeats", str(plan["repeats"]), "--json"]
@@ -55,6 +58,8 @@ def bench_command(model: str, size: int, batch: int, plan: dict, *, torch: bool,
         cmd.append("--compile-only")
     if torch:
         cmd.append("--compare-torch")
+        if torch_process != "same":
+            cmd += ["--torch-process", torch_process]
     return cmd
 
 
@@ -90,10 +95,10 @@ def epoch_command(model: str, batch: int, plan: dict, *, torch: bool) -> list[st
 
 
 def run_plan(plan_name: str, only: set[str], timeout: float, xla_flags: str = ""
-             ) -> tuple[list, list, list, list]:
+             ) -> tuple[list, list, list, list, list]:
     plan = PLANS[plan_name]
     has_torch, has_torchvision = _torch_available()
-    runs, sweeps, compiles, epochs = [], [], [], []
+    runs, sweeps, compiles, epochs, separate = [], [], [], [], []
     for model, size in SUITE:
         name = f"{model}@{size}"
         if only and model not in only:
@@ -128,7 +133,15 @@ def run_plan(plan_name: str, only: set[str], timeout: float, xla_flags: str = ""
             has_torchvision or model in TORCH_MODELS_WITHOUT_TORCHVISION)
         epochs.append(run_one(f"{model}@32", epoch_command(model, batch, plan, torch=torch),
                               timeout, xla_flags))
-    return runs, sweeps, compiles, epochs
+    for model in plan.get("torch_separate", ()):
+        if (only and model not in only) or not has_torch or not (
+                has_torchvision or model in TORCH_MODELS_WITHOUT_TORCHVISION):
+            continue
+        size = dict(SUITE)[model]
+        cmd = bench_command(model, size, plan["batch"][model], plan, torch=True,
+                            torch_process="separate")
+        separate.append(run_one(f"{model}@{size}", cmd, timeout, xla_flags))
+    return runs, sweeps, compiles, epochs, separate
 
 
 def _fmt(value, spec: str = ",.1f") -> str:
@@ -189,10 +202,27 @@ def _epoch_rows(epochs: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
+def _separate_rows(separate: list[dict]) -> list[str]:
+    lines = ["## Against PyTorch as installed (its own process, glibc's defaults)", "",
+             "| model | batch | cnnjax train img/s | torch eager img/s | torch.compile img/s "
+             "| cnnjax/torch |", "|---|---:|---:|---:|---:|---:|"]
+    for run in separate:
+        r = run.get("result")
+        if r is None:
+            lines.append(f"| {run['name']} | failed: {run.get('error')} | | | | |")
+            continue
+        ratio = f"{r['ratio_vs_torch']:.2f}x" if "ratio_vs_torch" in r else "-"
+        eager = r.get("torch_eager_train_images_per_second", r.get("torch_skipped", "-"))
+        compiled = r.get("torch_compile_train_images_per_second", "-")
+        lines.append(f"| {run['name']} | {r['batch_size']} | {_fmt(r['train_images_per_second'])} "
+                     f"| {_fmt(eager)} | {_fmt(compiled)} | {ratio} |")
+    return [*lines, ""]
+
+
 def render(runs: list[dict], sweeps: list[dict], compiles: list[dict], meta: dict,
-           epochs: list[dict] = ()) -> str:
+           epochs: list[dict] = (), separate: list[dict] = ()) -> str:
     """The generated part of RESULTS.md: provenance, suite table, batch sweeps, deep-net compile
-    times, CIFAR epochs."""
+    times, CIFAR epochs, the comparison against torch in its own process."""
     lines = ["# Benchmark results", "",
              f"- device: {meta['device']}", f"- date: {meta['date']}",
              f"- versions: {meta['versions']}", f"- command: `{meta['command']}`",
@@ -221,7 +251,10 @@ def render(runs: list[dict], sweeps: list[dict], compiles: list[dict], meta: dic
         lines.append("")
     if epochs:
         lines += _epoch_rows(epochs)
-    commands = [run["command"] for run in [*runs, *sweeps, *compiles, *epochs] if "command" in run]
+    if separate:
+        lines += _separate_rows(separate)
+    commands = [run["command"] for run in [*runs, *sweeps, *compiles, *epochs, *separate]
+                if "command" in run]
     lines += ["Commands:", "", *(f"    {c}" for c in commands), ""]
     return "\n".join(lines)
 
@@ -270,11 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     if plan == "auto":
         plan = "cpu" if meta["device"].startswith("cpu") else "gpu"
     only = {m for m in args.only.split(",") if m}
-    runs, sweeps, compiles, epochs = run_plan(plan, only, args.timeout, args.xla_flags)
-    text = render(runs, sweeps, compiles, meta, epochs)
+    runs, sweeps, compiles, epochs, separate = run_plan(plan, only, args.timeout, args.xla_flags)
+    text = render(runs, sweeps, compiles, meta, epochs, separate)
     write_results(Path(args.out), text)
     if args.json_out:
-        raw = {"meta": meta, "runs": runs, "sweeps": sweeps, "compiles": compiles, "epochs": epochs}
+        raw = {"meta": meta, "runs": runs, "sweeps": sweeps, "compiles": compiles, "epochs": epochs,
+               "torch_separate": separate}
         Path(args.json_out).write_text(json.dumps(raw, indent=1))
     print(text)
     return 0

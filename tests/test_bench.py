@@ -271,6 +271,15 @@ def test_suite_renders_markdown_with_provenance():
                                       {"name": "resnet18@32", "skipped": "needs GPU session"}])
     assert "| resnet20@32 | 512 | bf16 | 49,664 | 2.00 | 3.00 | 1.50x |" in text
     assert "| resnet18@32 | | | | needs GPU session | | |" in text
+    own = {**row, "torch_eager_train_images_per_second": 8.0,
+           "torch_compile_train_images_per_second": 5.0, "ratio_vs_torch": 1.25}
+    text = bench_suite.render(runs, [], [], {"device": "cpu", "date": "d", "versions": "v",
+                                             "command": "c"},
+                              separate=[{"name": "lenet5@32", "command": "s", "result": own},
+                                        {"name": "resnet20@32", "error": "boom"}])
+    assert "## Against PyTorch as installed" in text
+    assert "| lenet5@32 | 8 | 10.0 | 8.0 | 5.0 | 1.25x |" in text
+    assert "| resnet20@32 | failed: boom | | | | |" in text and "    s" in text
 
 
 def test_depthwise_benchmark_times_every_form_and_keeps_earlier_results(tmp_path, monkeypatch, capsys):
