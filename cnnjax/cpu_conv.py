@@ -73,19 +73,20 @@ Array = jax.Array
 # where all but the centre taps multiply padding. XLA's kernel computes those zeros and flips and
 # copies the whole kernel for the input gradient; cropped to one tap, the layer is "pointwise".
 #
-# Every convolution on CPU whose weight gradient is XLA's own or native (STORED_INPUT_FORMS), but
-# for the "onednn" form, also gets a "stored input" for its backward pass. XLA:CPU computes a weight gradient over the input
-# copied from NHWC to CHWN, and it fuses the elementwise work that produced the input (batch norm,
-# ReLU, a ResNet's whole residual stream) into that copy, so the backward pass recomputed it from up
-# to 20 operands: over half of resnet20's op time went to these copies. Under differentiation the input
-# passes through a `lax.cond`, which XLA cannot fuse across, so the copy reads the stored input
+# Every convolution on CPU whose weight gradient is XLA's own or native (STORED_INPUT_FORMS, and the
+# "onednn" form where its weight gradient is XLA's) also gets a "stored input" for its backward
+# pass. XLA:CPU computes a weight gradient over the input copied from NHWC to CHWN, and it fuses
+# the elementwise work that produced the input (batch norm, ReLU, a ResNet's whole residual stream)
+# into that copy, so the backward pass recomputed it from up to 20 operands: over half of
+# resnet20's op time went to these copies. Under differentiation the input passes through a
+# `lax.cond`, which XLA cannot fuse across, so the copy reads the stored input
 # once. resnet20 trains 1.24x faster, LeNet-5 1.38x; the larger nets measured within noise
 # (benchmarks/RESULTS.md). The native kernel reads its input where it lies, so the "onednn" form,
 # whose forward pass, input gradient and weight gradient are all custom calls, stores nothing: in
 # interleaved runs (session 11) resnet20 trained 3.5% faster without the store, vgg16 at 32 px 4%,
 # resnet18, resnet50 and googlenet within noise. It keeps the store where its weight gradient is
-# XLA's (fewer than 8 filters, or 8k + 4), and so does "native", where oneDNN is off (XLA's forward
-# pass and input gradient would fuse the input's producers into their loops).
+# XLA's (a filter count that is not a multiple of 8), and so does "native", where oneDNN is off
+# (XLA's forward pass and input gradient would fuse the input's producers into their loops).
 
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 TAPS_MAX_CHANNELS = 3
