@@ -42,7 +42,8 @@ Array = jax.Array
 #   C3) keeps XLA's forward pass, but computes its input gradient as one GEMM per kernel row plus
 #   shifted adds. XLA:CPU's kernel builds [kh * kw * C_out]-wide patches of the output gradient for
 #   a product only C_in columns wide; the row GEMMs ran 1.2x to 4.5x faster below 8 input channels,
-#   mixed at 8, even at 12 and 5x slower at 16 (benchmarks/RESULTS.md).
+#   mixed at 8, even at 12 and 5x slower at 16 (benchmarks/RESULTS.md). Where oneDNN's kernel
+#   runs, these layers take it instead (C3's input gradient 1.7 against 3.0 ms at batch 128).
 # - "depthwise": a depthwise layer (one filter per channel: MobileNet, EfficientNet) is a sum of
 #   kh * kw shifted slices times a per-channel weight, one fused loop with channels innermost, and
 #   so is its input gradient. Its weight gradient takes the kh * kw sums one image at a time. XLA:CPU's
@@ -308,11 +309,10 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
         return lax.platform_dependent(lhs, rhs, cpu=cropped, default=conv)
     form = cpu_conv_form(lhs.shape, rhs.shape, padding, lhs_dilation, rhs_dilation,
                          dimension_numbers, feature_group_count, strides)
-    if form in (None, "taps") and _generic_float32(lhs, rhs, padding, lhs_dilation, rhs_dilation,
-                                                   dimension_numbers, feature_group_count, strides,
-                                                   preferred_element_type):
-        if (onednn.enabled() and onednn.available()
-                and (form is None or math.prod(rhs.shape) > TAPS_MAX_MACS_BESIDE_ONEDNN)):
+    if form in (None, "taps", "narrow") and _generic_float32(
+            lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+            strides, preferred_element_type):
+        if onednn.enabled() and onednn.available() and _onednn_beside(form, rhs.shape):
             form = "onednn"
         elif (form is None and rhs.shape[3] % 8 == 0 and cpu_kernels.enabled()
               and cpu_kernels.available()):
@@ -330,6 +330,12 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
         return rewritten(x, w)
 
     return lax.platform_dependent(lhs, rhs, cpu=cpu, default=conv)
+
+
+def _onednn_beside(form: str | None, rhs_shape: Sequence[int]) -> bool:
+    """Whether a layer of this CPU form runs as oneDNN's kernel where that is available: XLA's
+    kernel's layers and the narrow ones always, a tap sum above TAPS_MAX_MACS_BESIDE_ONEDNN."""
+    return form != "taps" or math.prod(rhs_shape) > TAPS_MAX_MACS_BESIDE_ONEDNN
 
 
 def _form_function(form: str | None, conv: Callable[[Array, Array], Array], dot: Callable[..., Array],
