@@ -13,8 +13,9 @@ from cnnjax import host_memory
 # A jitted program whose intermediate (a @ b, 64 MiB) lives in the execution's temporary buffer, run
 # five times after three warm-up runs, counting the page faults of each; the median is printed.
 # JAX frees a run's buffer shortly after its outputs are ready, so the test waits 50 ms between
-# runs, as a real step's length would (back to back, the next run may allocate before the free). With glibc's and JAX's defaults the buffer is a fresh mmap on a worker thread every time:
-# 16,384 faults (32 where transparent huge pages are always on).
+# runs, as a real step's length would (back to back, the next run may allocate before the free).
+# With glibc's and JAX's defaults the buffer is a fresh mmap on a worker thread every time: 16,384
+# faults (32 where transparent huge pages are always on).
 CODE = """
 import resource, time
 import cnnjax
