@@ -98,6 +98,11 @@ def run_plan(plan_name: str, only: set[str], timeout: float, xla_flags: str = ""
              ) -> tuple[list, list, list, list, list]:
     plan = PLANS[plan_name]
     has_torch, has_torchvision = _torch_available()
+
+    def torch_for(model: str) -> bool:  # the plan compares with torch and torch has this model
+        return plan["torch"] and has_torch and (
+            has_torchvision or model in TORCH_MODELS_WITHOUT_TORCHVISION)
+
     runs, sweeps, compiles, epochs, separate = [], [], [], [], []
     for model, size in SUITE:
         name = f"{model}@{size}"
@@ -107,9 +112,7 @@ def run_plan(plan_name: str, only: set[str], timeout: float, xla_flags: str = ""
         if batch is None:
             runs.append({"name": name, "skipped": "needs GPU session"})
             continue
-        torch = plan["torch"] and has_torch and (
-            has_torchvision or model in TORCH_MODELS_WITHOUT_TORCHVISION)
-        cmd = bench_command(model, size, batch, plan, torch=torch)
+        cmd = bench_command(model, size, batch, plan, torch=torch_for(model))
         runs.append(run_one(name, cmd, timeout, xla_flags))
     for model, batches in plan["sweeps"].items():
         if only and model not in only:
@@ -129,13 +132,11 @@ def run_plan(plan_name: str, only: set[str], timeout: float, xla_flags: str = ""
         if batch is None:
             epochs.append({"name": f"{model}@32", "skipped": "needs GPU session"})
             continue
-        torch = plan["torch"] and has_torch and (
-            has_torchvision or model in TORCH_MODELS_WITHOUT_TORCHVISION)
-        epochs.append(run_one(f"{model}@32", epoch_command(model, batch, plan, torch=torch),
+        epochs.append(run_one(f"{model}@32", epoch_command(model, batch, plan,
+                                                          torch=torch_for(model)),
                               timeout, xla_flags))
     for model in plan.get("torch_separate", ()):
-        if (only and model not in only) or not has_torch or not (
-                has_torchvision or model in TORCH_MODELS_WITHOUT_TORCHVISION):
+        if (only and model not in only) or not torch_for(model):
             continue
         size = dict(SUITE)[model]
         cmd = bench_command(model, size, plan["batch"][model], plan, torch=True,

@@ -266,14 +266,14 @@ def compare_torch(result: dict[str, Any], *, steps: int, repeats: int,
     kwargs = dict(name=result["model"], batch_size=result["batch_size"],
                   image_size=result["image_size"], in_channels=spec.in_channels,
                   num_classes=spec.num_classes, precision=result["precision"], steps=steps,
-                  repeats=repeats, modes=list(modes))
+                  repeats=repeats, modes=list(modes))  # a list: JSON for the fresh process
     if process == "separate":
         torch_result = _torch_in_fresh_process(kwargs)
     else:
         import cnnjax
         from cnnjax import bench_torch
 
-        torch_result = bench_torch.run_torch_benchmark(**kwargs | {"modes": tuple(modes)})
+        torch_result = bench_torch.run_torch_benchmark(**kwargs)
         torch_result["under_malloc_setting"] = cnnjax.RETAINS_FREED_MEMORY
     out = {f"torch_{k}": v for k, v in torch_result.items()} | {"torch_process": process}
     best = torch_result.get("best_train_images_per_second")

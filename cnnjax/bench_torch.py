@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -164,7 +165,7 @@ def _one_mode(model: nn.Module, mode: str, x, y, device, precision: str, steps: 
 def run_torch_benchmark(
     name: str, *, batch_size: int, image_size: int, in_channels: int, num_classes: int,
     precision: str = "fp32", steps: int = 20, repeats: int = 5,
-    modes: tuple[str, ...] = ("eager", "compile"),
+    modes: Sequence[str] = ("eager", "compile"),
 ) -> dict[str, Any]:
     """images/s of each mode ("eager", "compile"), flat keys "<mode>_<metric>", plus the best."""
     unknown = set(modes) - {"eager", "compile"}

@@ -265,16 +265,15 @@ def test_suite_renders_markdown_with_provenance():
             "resnet18: XLA's default") in text
     epoch = {"batch_size": 512, "precision": "bf16", "steps_per_epoch": 97, "epoch_seconds": 2.0,
              "torch_epoch_seconds": 3.0, "speedup_vs_torch": 1.5}
-    text = bench_suite.render(runs, [], [], {"device": "gpu", "date": "d", "versions": "v",
-                                             "command": "c"},
+    meta = {"device": "gpu", "date": "d", "versions": "v", "command": "c"}
+    text = bench_suite.render(runs, [], [], meta,
                               epochs=[{"name": "resnet20@32", "command": "e", "result": epoch},
                                       {"name": "resnet18@32", "skipped": "needs GPU session"}])
     assert "| resnet20@32 | 512 | bf16 | 49,664 | 2.00 | 3.00 | 1.50x |" in text
     assert "| resnet18@32 | | | | needs GPU session | | |" in text
     own = {**row, "torch_eager_train_images_per_second": 8.0,
            "torch_compile_train_images_per_second": 5.0, "ratio_vs_torch": 1.25}
-    text = bench_suite.render(runs, [], [], {"device": "cpu", "date": "d", "versions": "v",
-                                             "command": "c"},
+    text = bench_suite.render(runs, [], [], meta,
                               separate=[{"name": "lenet5@32", "command": "s", "result": own},
                                         {"name": "resnet20@32", "error": "boom"}])
     assert "## Against PyTorch as installed" in text
