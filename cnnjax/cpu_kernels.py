@@ -1,8 +1,9 @@
 """cnnjax's own CPU kernels (cnnjax/cpu_kernels.cc), built on first use and called through XLA's FFI.
 
-One kernel so far: the weight gradient of a convolution, where XLA:CPU's generic kernel is 2x to 3x
-slower than oneDNN's backward-weights kernel in PyTorch, and jaxlib's oneDNN call (cnnjax/onednn.py)
-runs forward kernels only. The C++ file is compiled once per machine with the system's C++
+The weight gradient of a convolution, where XLA:CPU's generic kernel is 2x to 3x slower than
+oneDNN's backward-weights kernel in PyTorch, and jaxlib's oneDNN call (cnnjax/onednn.py) runs
+forward kernels only; and a training-mode batch norm with the residual add and ReLU after it,
+forward and backward (`norm_act`, which cnnjax/batchnorm.py explains). The C++ file is compiled once per machine with the system's C++
 compiler (`$CXX`, else `c++`) and `-O3 -march=native`, into a cache keyed by the source, the
 compiler, jaxlib and the CPU ($CNNJAX_NATIVE_CACHE, else $XDG_CACHE_HOME/cnnjax/native, else
 ~/.cache/cnnjax/native), and registered as an XLA FFI target. Where there is no compiler, the build
@@ -37,6 +38,8 @@ ENV = "CNNJAX_CPU_NATIVE"
 CACHE_ENV = "CNNJAX_NATIVE_CACHE"
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 WEIGHT_GRADIENT = "cnnjax_conv_weight_gradient"
+NORM_ACT = "cnnjax_norm_act"
+NORM_ACT_BACKWARD = "cnnjax_norm_act_backward"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -96,8 +99,10 @@ def _register() -> None:
     import ctypes
 
     library = ctypes.cdll.LoadLibrary(str(build()))
-    jax.ffi.register_ffi_target(WEIGHT_GRADIENT, jax.ffi.pycapsule(library.CnnjaxConvWeightGradient),
-                                platform="cpu")
+    for name, symbol in ((WEIGHT_GRADIENT, library.CnnjaxConvWeightGradient),
+                         (NORM_ACT, library.CnnjaxNormActForward),
+                         (NORM_ACT_BACKWARD, library.CnnjaxNormActBackward)):
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
 
 
 def weight_gradient(x: Array, g: Array, kernel: Sequence[int], strides: Sequence[int],
@@ -112,13 +117,61 @@ def weight_gradient(x: Array, g: Array, kernel: Sequence[int], strides: Sequence
     return call(x, g, sh=np.int64(sh), sw=np.int64(sw), pt=np.int64(pt), pl=np.int64(pl))
 
 
+def norm_act(x: Array, scale: Array, bias: Array, residual: Array | None, epsilon: float,
+             relu: bool) -> tuple[Array, Array, Array]:
+    """Training-mode batch norm of float32 x [..., C] over all but the last axis, plus `residual`
+    (None: none), then ReLU if `relu`: (output, batch mean, batch variance). CPU only;
+    `available()` first."""
+    _register()
+    stat = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
+    call = jax.ffi.ffi_call(NORM_ACT, (jax.ShapeDtypeStruct(x.shape, jnp.float32), stat, stat))
+    return call(x, scale, bias, *([] if residual is None else [residual]),
+                eps=np.float32(epsilon), relu=bool(relu))
+
+
+def norm_act_backward(x: Array, out: Array, g: Array, mean: Array, inv: Array, scale: Array,
+                      g_mean: Array, g_var: Array, relu: bool, residual: bool) -> tuple[Array, ...]:
+    """The gradient of `norm_act` from dL/dout = g and the statistics' cotangents: (dL/dx,
+    dL/dscale, dL/dbias), plus dL/dresidual when `relu` and `residual` (without the ReLU it is g)."""
+    _register()
+    stat = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
+    full = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+    call = jax.ffi.ffi_call(NORM_ACT_BACKWARD, (full, stat, stat) + ((full,) if relu and residual else ()))
+    return call(x, out, g, mean, inv, scale, g_mean, g_var, relu=bool(relu))
+
+
+def _check_norm_act(rng: np.random.Generator) -> None:
+    """norm_act with a residual and ReLU, and its gradient, against autodiff of the formula on 12
+    channels (a tile that is not a whole number of vectors); raises RuntimeError if they differ."""
+    x, r, g = (rng.standard_normal((2, 5, 3, 12), np.float32) for _ in range(3))
+    scale, bias, g_mean, g_var = rng.standard_normal((4, 12), np.float32)
+
+    def formula(x, scale, bias, r):
+        mean = x.mean((0, 1, 2))
+        var = jnp.maximum(0.0, (x * x).mean((0, 1, 2)) - mean * mean)
+        y = (x - mean) * (scale * jax.lax.rsqrt(var + 1e-5)) + bias + r
+        return jnp.maximum(y, 0.0), mean, var
+
+    def both(x, scale, bias, r, g, g_mean, g_var):
+        expected, vjp = jax.vjp(formula, x, scale, bias, r)
+        out, mean, var = norm_act(x, scale, bias, r, 1e-5, relu=True)
+        grads = norm_act_backward(x, out, g, mean, jax.lax.rsqrt(var + 1e-5), scale, g_mean,
+                                  g_var, relu=True, residual=True)
+        return (out, mean, var, *grads), (*expected, *vjp((g, g_mean, g_var)))
+
+    ours, expected = run_apart_on_cpu(both, x, scale, bias, r, g, g_mean, g_var)
+    if not all(np.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(ours, expected, strict=True)):
+        raise RuntimeError("its batch norm disagrees with autodiff of the formula")
+
+
 @functools.cache
 def available() -> bool:
     """Whether this process can use the kernels: one CPU device in one process (a custom
-    call has no SPMD rule, so a sharded program would gather its inputs), the library builds, and its
-    weight gradient matches XLA's on small cases: strided with asymmetric padding, a non-square
-    kernel, 8, 24 and 40 output channels (every vector block the build has). Checked once per
-    process (about 0.2 s, plus the build the first time on a machine: a few seconds)."""
+    call has no SPMD rule, so a sharded program would gather its inputs), the library builds, its
+    weight gradient matches XLA's on small cases (strided with asymmetric padding, a non-square
+    kernel, 8, 24 and 40 output channels: every vector block the build has), and `norm_act` and its
+    gradient match autodiff of their formula. Checked once per process (about 0.3 s, plus the
+    build the first time on a machine: a few seconds)."""
     try:
         if not single_cpu_process():
             return False
@@ -139,6 +192,7 @@ def available() -> bool:
             ours, expected = run_apart_on_cpu(both, x, w, g)
             if not np.allclose(ours, expected, rtol=1e-4, atol=1e-4):
                 raise RuntimeError("its weight gradient disagrees with XLA's convolution")
+        _check_norm_act(rng)
         return True
     except Exception as err:  # no compiler, a failed build, a jaxlib without the FFI it needs
         warnings.warn(f"cnnjax's CPU kernels are off, XLA's kernels run instead: {err} "

@@ -102,6 +102,19 @@ def batch_norm(train: bool, *, dtype: Any = None, momentum: float = 0.9, epsilon
                      dtype=dtype, param_dtype=jnp.float32, **kwargs)
 
 
+def norm_act(norm: nn.Module, x: Array, act: Callable[[Array], Array],
+             residual: Array | None = None) -> Array:
+    """act(norm(x) + residual) (no residual: act(norm(x))), with `norm` a built module.
+
+    With cnnjax's `BatchNorm` and ReLU this is one call, `norm(x, residual=, relu=True)`, which
+    runs as one op in the CPU kernels where they apply (cnnjax/batchnorm.py); any other norm or
+    activation runs as written."""
+    if isinstance(norm, BatchNorm) and act is nn.relu:
+        return norm(x, residual=residual, relu=True)
+    y = norm(x)
+    return act(y if residual is None else y + residual)
+
+
 class LocalResponseNorm(nn.Module):
     """AlexNet's local response normalisation across channels (Krizhevsky 2012, section 3.3).
 

@@ -1,5 +1,6 @@
 """cnnjax's BatchNorm: flax's variables, values, gradients and running averages, with its textbook
-backward pass; blocked sums on CPU inside steps compiled without YNNPACK's fusions; an opt-out."""
+backward pass; blocked sums on CPU inside steps compiled without YNNPACK's fusions; batch norm,
+residual add and ReLU as one native op there (`layers.norm_act`); an opt-out."""
 
 import chex
 import flax.linen as nn
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 from jax import export
 
-from cnnjax import batchnorm, layers, xla_options
+from cnnjax import batchnorm, cpu_kernels, layers, xla_options
 
 CASES = [  # (input shape, dtype, module arguments)
     ((8, 6, 6, 16), jnp.float32, {}),  # 288 rows: blocks of 32
@@ -112,3 +113,73 @@ def test_accelerators_sum_with_xla_reductions(platform):
     with batchnorm.blocked_sums():
         assert "dot_general" in export.export(fn, platforms=["cpu"])(x).mlir_module()
         assert "dot_general" not in export.export(fn, platforms=[platform])(x).mlir_module()
+
+
+def _norm_act_loss(norm, act, variables, weights):
+    """A loss through `layers.norm_act(norm, x, act, residual)`, differentiable in the parameters,
+    x and the residual, with the batch statistics as aux output."""
+    def loss(params, x, residual):
+        def call(module, x, residual):
+            return layers.norm_act(module, x, act, residual)
+
+        y, updates = nn.apply(call, norm, mutable=["batch_stats"])(
+            {**variables, "params": params}, x, residual)
+        return jnp.sum(jnp.sin(y) * weights), (y, updates)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="cnnjax's CPU kernels did not build here")
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_norm_act_is_one_native_op_with_flax_results(with_residual, monkeypatch):
+    shape = (8, 6, 6, 16)
+    x = 3 * jax.random.normal(jax.random.key(0), shape) + 1
+    residual = jax.random.normal(jax.random.key(4), shape) if with_residual else None
+    weights = jax.random.normal(jax.random.key(3), shape)
+    theirs = nn.BatchNorm(use_running_average=False)
+    variables = jax.tree.map(lambda v: v + 0.3 * jax.random.normal(jax.random.key(2), v.shape),
+                             theirs.init(jax.random.key(1), x))
+
+    def reference(params, x, residual):  # flax's batch norm, the add and the ReLU as written
+        y, updates = theirs.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+        y = nn.relu(y if residual is None else y + residual)
+        return jnp.sum(jnp.sin(y) * weights), (y, updates)
+
+    expected = jax.jit(jax.value_and_grad(reference, argnums=(0, 1, 2), has_aux=True))(
+        variables["params"], x, residual)
+    ours = batchnorm.BatchNorm(use_running_average=False)
+    for native in ("on", "off"):
+        monkeypatch.setenv("CNNJAX_CPU_NATIVE", native)
+        fn = _norm_act_loss(ours, nn.relu, variables, weights)
+        with batchnorm.blocked_sums():
+            chex.assert_trees_all_close(fn(variables["params"], x, residual), expected,
+                                        atol=2e-5, rtol=2e-5)
+            hlo = fn.lower(variables["params"], x, residual).compile().as_text()
+        # Forward and backward as the two kernels, or none of them with the kernels off.
+        for target in (cpu_kernels.NORM_ACT, cpu_kernels.NORM_ACT_BACKWARD):
+            assert hlo.count(f'custom_call_target="{target}"') == (native == "on")
+
+
+def test_norm_act_runs_other_norms_and_activations_as_written():
+    x = jax.random.normal(jax.random.key(0), (4, 3, 3, 8))
+    residual = jax.random.normal(jax.random.key(1), x.shape)
+    for norm, act in [(nn.LayerNorm(), nn.relu), (batchnorm.BatchNorm(use_running_average=False),
+                                                  nn.tanh)]:
+        def call(module, x, residual, act=act):
+            return layers.norm_act(module, x, act, residual)
+
+        def written(module, x, residual, act=act):
+            return act(module(x) + residual)
+
+        variables = nn.init(call, norm)(jax.random.key(2), x, residual)
+        with batchnorm.blocked_sums():
+            ours = nn.apply(call, norm, mutable=True)(variables, x, residual)
+        chex.assert_trees_all_close(ours, nn.apply(written, norm, mutable=True)(variables, x, residual),
+                                    atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_accelerators_never_see_the_native_op(platform):
+    x, scale, bias = jnp.ones((4, 8, 8, 3)), jnp.ones(3), jnp.zeros(3)
+    fn = jax.jit(jax.grad(lambda x: jnp.sum(batchnorm.norm_act_train(x, scale, bias, x, 1e-5, True)[0])))
+    assert "cnnjax_norm_act" not in export.export(fn, platforms=[platform])(x).mlir_module()

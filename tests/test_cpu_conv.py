@@ -269,7 +269,10 @@ def test_whole_models_train_the_same_with_and_without_the_cpu_forms(monkeypatch,
 
     spec = models.get_spec(name)
     model = models.create_model(name, num_classes=5, **(spec.small if name == "mobilenet_v2" else {}))
-    x = jax.random.normal(jax.random.key(1), (4, size, size, spec.in_channels))
+    # Batch 16: at initialisation with batch 4, resnet20's gradients move by several percent under
+    # 1e-6 relative noise on one activation (batch norm over 4 images is ill-conditioned), so two
+    # correct forms that round differently (the native batch norm sums in double) disagreed.
+    x = jax.random.normal(jax.random.key(1), (16, size, size, spec.in_channels))
     variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
     params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
 

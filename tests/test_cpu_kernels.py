@@ -1,5 +1,6 @@
 """cnnjax's own CPU kernels (cnnjax/cpu_kernels.py, .cc): the build and its cache, the weight
-gradient against XLA's, and the CPU forms of `cpu_conv.conv_general_dilated` that take it."""
+gradient against XLA's, the CPU forms of `cpu_conv.conv_general_dilated` that take it, and the
+batch norm + residual + ReLU kernels against autodiff of their formula."""
 
 import os
 import platform
@@ -61,6 +62,47 @@ def test_weight_gradient_matches_xla(x_shape, w_shape, strides, padding):
     g = rng.standard_normal(out.shape, np.float32)
     ours = jax.jit(lambda x, g: cpu_kernels.weight_gradient(x, g, w_shape[:2], strides, padding))
     chex.assert_trees_all_close(ours(x, g), vjp(g)[0], atol=1e-3, rtol=1e-4)
+
+
+def _norm_act_formula(x, scale, bias, residual, relu):
+    mean = x.mean((0, 1, 2))
+    var = jnp.maximum(0.0, (x * x).mean((0, 1, 2)) - mean * mean)
+    y = (x - mean) * (scale * lax.rsqrt(var + 1e-5)) + bias
+    y = y if residual is None else y + residual
+    return (jnp.maximum(y, 0.0) if relu else y), mean, var
+
+
+# (shape, ReLU, residual): 12 and 100 channels (a tile of 252 and 300 floats, not a multiple of a
+# vector), 16 (a 256-float tile), 64 over 8192 rows (several chunks per thread and sum blocks).
+NORM_ACT_CASES = [((3, 5, 7, 12), True, True), ((3, 5, 7, 12), False, True),
+                  ((2, 4, 4, 16), True, False), ((2, 4, 4, 16), False, False),
+                  ((4, 3, 3, 100), True, True), ((128, 8, 8, 64), True, True)]
+
+
+@needs_native
+@pytest.mark.parametrize("shape,relu,has_residual", NORM_ACT_CASES)
+def test_norm_act_matches_autodiff_of_its_formula(shape, relu, has_residual):
+    rng = np.random.default_rng(0)
+    c = shape[-1]
+    x = rng.standard_normal(shape, np.float32) * 2 + 1
+    scale, bias = rng.standard_normal((2, c), np.float32)
+    residual = rng.standard_normal(shape, np.float32) if has_residual else None
+    g = rng.standard_normal(shape, np.float32)
+    g_mean, g_var = rng.standard_normal((2, c), np.float32)  # the statistics' cotangents too
+
+    expected, vjp = jax.vjp(lambda *a: _norm_act_formula(*a, relu), x, scale, bias, residual)
+    out, mean, var = jax.jit(lambda *a: cpu_kernels.norm_act(*a, 1e-5, relu))(x, scale, bias,
+                                                                                residual)
+    chex.assert_trees_all_close((out, mean, var), expected, atol=1e-5, rtol=1e-5)
+    inv = lax.rsqrt(var + 1e-5)
+    grads = jax.jit(lambda *a: cpu_kernels.norm_act_backward(
+        *a, relu=relu, residual=has_residual))(x, out, g, mean, inv, scale, g_mean, g_var)
+    want = vjp((g, g_mean, g_var))
+    chex.assert_trees_all_close(grads[:3], want[:3], atol=1e-4, rtol=1e-4)
+    # dL/dresidual comes back only where it is not g itself: with the ReLU and a residual.
+    assert len(grads) == (4 if relu and has_residual else 3)
+    if len(grads) == 4:
+        chex.assert_trees_all_close(grads[3], want[3], atol=1e-6)
 
 
 # One layer per form that takes the native weight gradient: "taps" (a first layer on 3 channels),

@@ -10,7 +10,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnnjax.layers import Conv, activation, batch_norm, global_avg_pool, initializer, max_pool
+from cnnjax.layers import (
+    Conv,
+    activation,
+    batch_norm,
+    global_avg_pool,
+    initializer,
+    max_pool,
+    norm_act,
+)
 
 Array = jax.Array
 ModuleDef = Any
@@ -84,10 +92,8 @@ class ConvNormAct(nn.Module):
         k = self.kernel
         x = self.conv(self.features, (k, k), strides=self.strides, padding=k // 2, name="conv")(x)
         if self.norm is not None:
-            x = self.norm(name="bn")(x)
-        if shortcut is not None:
-            x = x + shortcut
-        return self.act(x)
+            return norm_act(self.norm(name="bn"), x, self.act, shortcut)
+        return self.act(x if shortcut is None else x + shortcut)
 
 
 class StackedConv(nn.Module):

@@ -10,7 +10,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnnjax.layers import Conv, activation, batch_norm, global_avg_pool, initializer, max_pool
+from cnnjax.layers import (
+    Conv,
+    activation,
+    batch_norm,
+    global_avg_pool,
+    initializer,
+    max_pool,
+    norm_act,
+)
 
 Array = jax.Array
 ModuleDef = Any
@@ -82,13 +90,12 @@ class BasicBlock(nn.Module):
     def __call__(self, x: Array) -> Array:
         s = (self.strides, self.strides)
         y = self.conv(self.filters, (3, 3), strides=s, padding=1, name="conv1")(x)
-        y = self.act(self.norm(name="bn1")(y))
+        y = norm_act(self.norm(name="bn1"), y, self.act)
         y = self.conv(self.filters, (3, 3), padding=1, name="conv2")(y)
-        y = self.norm(name="bn2", **_last_norm_kwargs(self.zero_init_residual))(y)
-        if self.skip_connection:
-            y = y + residual_shortcut(x, self.filters, self.strides, self.shortcut, self.conv,
-                                      self.norm)
-        return self.act(y)
+        bn2 = self.norm(name="bn2", **_last_norm_kwargs(self.zero_init_residual))
+        shortcut = (residual_shortcut(x, self.filters, self.strides, self.shortcut, self.conv,
+                                      self.norm) if self.skip_connection else None)
+        return norm_act(bn2, y, self.act, shortcut)
 
 
 class BottleneckBlock(nn.Module):
@@ -112,15 +119,15 @@ class BottleneckBlock(nn.Module):
     def __call__(self, x: Array) -> Array:
         out = self.filters * self.expansion
         y = self.conv(self.filters, (1, 1), padding="VALID", name="conv1")(x)
-        y = self.act(self.norm(name="bn1")(y))
+        y = norm_act(self.norm(name="bn1"), y, self.act)
         s = (self.strides, self.strides)
         y = self.conv(self.filters, (3, 3), strides=s, padding=1, name="conv2")(y)
-        y = self.act(self.norm(name="bn2")(y))
+        y = norm_act(self.norm(name="bn2"), y, self.act)
         y = self.conv(out, (1, 1), padding="VALID", name="conv3")(y)
-        y = self.norm(name="bn3", **_last_norm_kwargs(self.zero_init_residual))(y)
-        if self.skip_connection:
-            y = y + residual_shortcut(x, out, self.strides, self.shortcut, self.conv, self.norm)
-        return self.act(y)
+        bn3 = self.norm(name="bn3", **_last_norm_kwargs(self.zero_init_residual))
+        shortcut = (residual_shortcut(x, out, self.strides, self.shortcut, self.conv, self.norm)
+                    if self.skip_connection else None)
+        return norm_act(bn3, y, self.act, shortcut)
 
 
 # --- shared model plumbing ---------------------------------------------------------------------
@@ -198,7 +205,7 @@ class ResNet(nn.Module):
         _check(x, "ResNet", self.stage_sizes, "B", self.skip_connections, self.zero_init_residual)
         conv, norm, act = _parts(self, train)
         x = conv(self.width, (7, 7), strides=(2, 2), padding=3, name="stem_conv")(x)
-        x = act(norm(name="stem_bn")(x))
+        x = norm_act(norm(name="stem_bn"), x, act)
         x = max_pool(x, 3, 2, padding=1)
         x = _stages(x, stage_sizes=self.stage_sizes, block_cls=self.block_cls, width=self.width,
                     conv=conv, norm=norm, act=act, shortcut="B",
@@ -234,7 +241,7 @@ class CifarResNet(nn.Module):
                self.zero_init_residual)
         conv, norm, act = _parts(self, train)
         x = conv(self.width, (3, 3), padding=1, name="stem_conv")(x)
-        x = act(norm(name="stem_bn")(x))
+        x = norm_act(norm(name="stem_bn"), x, act)
         x = _stages(x, stage_sizes=self.stage_sizes, block_cls=self.block_cls, width=self.width,
                     conv=conv, norm=norm, act=act, shortcut=self.shortcut,
                     skip_connection=self.skip_connections,
