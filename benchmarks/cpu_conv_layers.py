@@ -1,0 +1,133 @@
+"""CPU benchmark: resnet20's convolutions, one layer at a time, cnnjax's kernels against torch's.
+
+For each 3x3 layer shape of a CIFAR ResNet at batch B (16, 32 and 64 channels, and the stride-2
+layer that opens stage 2), in one process:
+
+- forward: `onednn.conv` (jaxlib's `__onednn$convolution` call) against torch's `conv2d`;
+- input gradient: `onednn.input_gradient` (stride 1) or `onednn.strided_input_gradient` (one
+  stride-1 call per input phase) against torch's `convolution_backward` for the input;
+- weight gradient: `cpu_kernels.weight_gradient` (cnnjax/cpu_kernels.cc) against torch's
+  `convolution_backward` for the weight;
+
+torch in channels_last (NHWC, the layout cnnjax uses), on one thread per core (`os.cpu_count()`).
+Timed in turn (each call of the six, five times, then the next; six rounds) after one warm-up;
+medians of the rounds, in milliseconds.
+
+    python benchmarks/cpu_conv_layers.py --batch-size 128 [--out FILE.json]
+
+Needs torch (`pip install torch`, a benchmark-only dependency); --out saves the numbers with the
+date, device and versions and never overwrites an existing file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jaxlib
+import numpy as np
+
+from cnnjax import cpu_kernels, onednn
+
+
+def _alternating_ms(calls: dict[str, Callable[[], Any]], rounds: int = 6,
+                    per_round: int = 5) -> dict[str, float]:
+    """Median ms per call of each of `calls`, timed in turn (a, b, c, a, b, c, ...) so that this
+    VM's drifting speed and the order of measurement hit all of them alike. (A pause before each
+    block, against torch's OpenMP threads spinning after their last task, made every call about 3x
+    slower here: the VM's cores slow down when idle.)"""
+    for call in calls.values():
+        jax.block_until_ready(call())
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            for _ in range(per_round):
+                jax.block_until_ready(call())
+            times[name].append((time.perf_counter() - start) / per_round * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def layer(batch: int, size: int, cin: int, cout: int, stride: int, torch) -> dict[str, float]:
+    rng = np.random.default_rng(0)
+    pads = ((1, 1), (1, 1))
+    x = rng.standard_normal((batch, size, size, cin), np.float32)
+    w = rng.standard_normal((3, 3, cin, cout), np.float32)
+    out = size // stride
+    g = rng.standard_normal((batch, out, out, cout), np.float32)
+    forward = jax.jit(lambda x, w: onednn.conv(x, w, (stride, stride), pads))
+    if stride == 1:
+        input_grad = jax.jit(lambda g, w: onednn.input_gradient(g, w, pads))
+    else:
+        input_grad = jax.jit(lambda g, w: onednn.strided_input_gradient(
+            g, w, x.shape, (stride, stride), pads))
+    weight_grad = jax.jit(lambda x, g: cpu_kernels.weight_gradient(
+        x, g, (3, 3), (stride, stride), pads))
+
+    def nchw(a):  # an NHWC array as torch's NCHW tensor in channels_last memory
+        return torch.from_numpy(a).permute(0, 3, 1, 2)
+
+    tx, tg = nchw(x), nchw(g)
+    tw = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
+
+    def backward(mask):
+        return lambda: torch.ops.aten.convolution_backward(
+            tg, tx, tw, None, [stride] * 2, [1, 1], [1, 1], False, [0, 0], 1, mask)
+
+    x, w, g = (jax.device_put(a) for a in (x, w, g))  # on the device once, not per call
+    with torch.no_grad():
+        return _alternating_ms({
+            "cnnjax_forward_ms": lambda: forward(x, w),
+            "torch_forward_ms": lambda: torch.nn.functional.conv2d(tx, tw, None, stride, 1),
+            "cnnjax_input_gradient_ms": lambda: input_grad(g, w),
+            "torch_input_gradient_ms": backward([True, False, False]),
+            "cnnjax_weight_gradient_ms": lambda: weight_grad(x, g),
+            "torch_weight_gradient_ms": backward([False, True, False]),
+        })
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--out", help="save the numbers as JSON here")
+    args = parser.parse_args(argv)
+    if args.out and Path(args.out).exists():
+        raise SystemExit(f"{args.out} exists; pass a new --out path (earlier results are kept).")
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit("torch is not importable; `pip install torch` to compare against it.") \
+            from None
+    if not (onednn.available() and cpu_kernels.available()):
+        raise SystemExit("oneDNN's call or cnnjax's CPU kernels are not available here; nothing "
+                         "to compare.")
+    torch.set_num_threads(os.cpu_count() or 1)
+    s = args.image_size
+    shapes = [(s, 16, 16, 1), (s // 2, 32, 32, 1), (s // 4, 64, 64, 1), (s, 16, 32, 2)]
+    results = {}
+    for size, cin, cout, stride in shapes:
+        name = f"{args.batch_size}x{size}x{size}x{cin}->{cout} stride {stride}"
+        results[name] = t = layer(args.batch_size, size, cin, cout, stride, torch)
+        print(f"{name}: forward {t['cnnjax_forward_ms']:.2f} (torch {t['torch_forward_ms']:.2f}), "
+              f"input gradient {t['cnnjax_input_gradient_ms']:.2f} "
+              f"(torch {t['torch_input_gradient_ms']:.2f}), weight gradient "
+              f"{t['cnnjax_weight_gradient_ms']:.2f} (torch {t['torch_weight_gradient_ms']:.2f}) ms")
+    if args.out:
+        record = {"date": datetime.date.today().isoformat(), "device": str(jax.devices()[0]),
+                  "jax": jax.__version__, "jaxlib": jaxlib.__version__, "torch": torch.__version__,
+                  "torch_threads": torch.get_num_threads(), "args": vars(args), "layers": results}
+        with open(args.out, "x") as f:
+            json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
