@@ -3,13 +3,14 @@
 The weight gradient of a convolution, where XLA:CPU's generic kernel is 2x to 3x slower than
 oneDNN's backward-weights kernel in PyTorch, and jaxlib's oneDNN call (cnnjax/onednn.py) runs
 forward kernels only; and a training-mode batch norm with the residual add and ReLU after it,
-forward and backward (`norm_act`, which cnnjax/batchnorm.py explains). The C++ file is compiled once per machine with the system's C++
-compiler (`$CXX`, else `c++`) and `-O3 -march=native`, into a cache keyed by the source, the
-compiler, jaxlib and the CPU ($CNNJAX_NATIVE_CACHE, else $XDG_CACHE_HOME/cnnjax/native, else
-~/.cache/cnnjax/native), and registered as an XLA FFI target. Where there is no compiler, the build
-fails or the kernel disagrees with XLA's convolution on a small check, `available()` says False
-(with one warning saying why) and cnnjax keeps XLA's kernel. `CNNJAX_CPU_NATIVE=off` turns the kernels
-off; so does `CNNJAX_CPU_REWRITES=off`, with every CPU form.
+forward and backward (`norm_act`, which cnnjax/batchnorm.py explains). The C++ file is compiled
+once per machine with the system's C++ compiler (`$CXX`, else `c++`) and `-O3 -march=native`,
+into a cache keyed by the source, the compiler, jaxlib and the CPU ($CNNJAX_NATIVE_CACHE, else
+$XDG_CACHE_HOME/cnnjax/native, else ~/.cache/cnnjax/native), and registered as XLA FFI targets.
+Where there is no compiler, the build fails or a kernel disagrees with XLA on a small check,
+`available()` says False (with one warning saying why) and cnnjax keeps XLA's ops.
+`CNNJAX_CPU_NATIVE=off` turns the kernels off; so does `CNNJAX_CPU_REWRITES=off`, with every CPU
+form.
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ def norm_act_backward(x: Array, out: Array, g: Array, mean: Array, inv: Array, s
     _register()
     stat = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
     full = jax.ShapeDtypeStruct(x.shape, jnp.float32)
-    call = jax.ffi.ffi_call(NORM_ACT_BACKWARD, (full, stat, stat) + ((full,) if relu and residual else ()))
+    results = (full, stat, stat) + ((full,) if relu and residual else ())
+    call = jax.ffi.ffi_call(NORM_ACT_BACKWARD, results)
     return call(x, out, g, mean, inv, scale, g_mean, g_var, relu=bool(relu))
 
 
