@@ -192,7 +192,8 @@ def batch_norm_train(x: Array, scale: Array, bias: Array, epsilon: float
 
 def _native(x: Array, residual: Array | None, dtype: Any, param_dtype: Any) -> bool:
     """Whether `norm_act_train` takes this batch norm: float32 throughout, the kernels checked."""
-    return (x.dtype == jnp.float32 and (residual is None or residual.dtype == jnp.float32)
+    return (x.dtype == jnp.float32
+            and (residual is None or (residual.dtype == jnp.float32 and residual.shape == x.shape))
             and dtype in (None, jnp.float32) and param_dtype == jnp.float32
             and cpu_kernels.enabled() and cpu_kernels.available())
 

@@ -160,11 +160,12 @@ def test_norm_act_is_one_native_op_with_flax_results(with_residual, monkeypatch)
             assert hlo.count(f'custom_call_target="{target}"') == (native == "on")
 
 
-def test_norm_act_runs_other_norms_and_activations_as_written():
+def test_norm_act_runs_other_norms_activations_and_residuals_as_written():
     x = jax.random.normal(jax.random.key(0), (4, 3, 3, 8))
-    residual = jax.random.normal(jax.random.key(1), x.shape)
-    for norm, act in [(nn.LayerNorm(), nn.relu), (batchnorm.BatchNorm(use_running_average=False),
-                                                  nn.tanh)]:
+    full = jax.random.normal(jax.random.key(1), x.shape)
+    bn = batchnorm.BatchNorm(use_running_average=False)
+    for norm, act, residual in [(nn.LayerNorm(), nn.relu, full), (bn, nn.tanh, full),
+                                (bn, nn.relu, full[:1])]:  # a residual that broadcasts
         def call(module, x, residual, act=act):
             return layers.norm_act(module, x, act, residual)
 
