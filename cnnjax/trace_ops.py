@@ -30,10 +30,12 @@ from typing import Any
 
 import jax
 
-# "ffi_call" events are cnnjax's custom calls, all convolutions: oneDNN's ("ffi_call.N__onednn$...")
-# and cnnjax/cpu_kernels.cc's weight gradient ("ffi_call.N"). "conv" alone would take in XLA's
-# "convert" fusions.
-CATEGORIES = (("convolution", ("convolution", "ffi_call", "ynn_fusion")), ("transpose", ("transpose",)),
+# "ffi_call" events are cnnjax's custom calls: oneDNN's convolution ("ffi_call.N__onednn$..."), and
+# cnnjax/cpu_kernels.cc's weight gradient and batch norm + ReLU ("ffi_call.N" both). With the
+# compiled module's text, `op_times` tells the last two apart by their targets and counts the batch
+# norm's as "cnnjax_norm_act..." kinds. "conv" alone would take in XLA's "convert" fusions.
+CATEGORIES = (("batch norm + ReLU (native)", ("cnnjax_norm_act",)),
+              ("convolution", ("convolution", "ffi_call", "ynn_fusion")), ("transpose", ("transpose",)),
               ("reduction", ("reduce",)))
 
 
@@ -53,15 +55,22 @@ def _is_op(name: str) -> bool:
                 or name in RUNTIME_EVENTS)
 
 
-def parse_trace(events: list[dict], steps: int, top: int = 15) -> dict[str, Any]:
+def parse_trace(events: list[dict], steps: int, top: int = 15,
+                targets: dict[str, str] | None = None) -> dict[str, Any]:
     """{"ops": {kind: (ms per step, calls per step)}, "categories": {name: ms per step},
-    "top_instructions": [[instruction name, ms per step, calls per step], ...]} (the `top` slowest)."""
+    "top_instructions": [[instruction name, ms per step, calls per step], ...]} (the `top` slowest).
+    `targets` (`custom_call_targets` of the compiled module) makes a cnnjax batch-norm call's kind
+    its target, so it is not counted as a convolution."""
+    targets = targets or {}
     ms, calls = collections.Counter(), collections.Counter()
     by_name, name_calls = collections.Counter(), collections.Counter()
     for event in events:
         if event.get("ph") != "X" or not _is_op(event.get("name", "")):
             continue
-        kind = re.sub(r"[.\d]+$", "", event["name"]) or event["name"]
+        # "ffi_call.3__onednn$convolution" -> "__onednn$convolution", "fusion.12" -> "fusion"
+        kind = re.sub(r"^ffi_call\.\d+(?=__)|[.\d]+$", "", event["name"]) or event["name"]
+        if targets.get(event["name"], "").startswith("cnnjax_norm_act"):
+            kind = targets[event["name"]]
         ms[kind] += event.get("dur", 0) / 1e3 / steps
         calls[kind] += 1
         by_name[event["name"]] += event.get("dur", 0) / 1e3 / steps
@@ -87,6 +96,15 @@ def op_sources(hlo_text: str) -> dict[str, str]:
             for name, op_name in _INSTRUCTION.findall(hlo_text)}
 
 
+_CUSTOM_CALL = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = [^\n]*? custom-call\([^\n]*?'
+                          r'custom_call_target="([^"]+)"', re.MULTILINE)
+
+
+def custom_call_targets(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> custom-call target, for every custom call in a compiled module's text."""
+    return dict(_CUSTOM_CALL.findall(hlo_text))
+
+
 def op_times(run_once: Callable[[], Any], steps: int = 5, hlo_text: str = "") -> dict[str, Any]:
     """parse_trace of `steps` traced calls of `run_once` (already compiled and warmed up), plus
     "wall_ms_per_step"; with the compiled step's `hlo_text`, each top instruction also names the
@@ -103,7 +121,7 @@ def op_times(run_once: Callable[[], Any], steps: int = 5, hlo_text: str = "") ->
         with gzip.open(paths[0]) as f:
             trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    profile = parse_trace(events, steps)
+    profile = parse_trace(events, steps, targets=custom_call_targets(hlo_text))
     sources = op_sources(hlo_text)
     for row in profile["top_instructions"]:
         row.append(sources.get(row[0], ""))

@@ -74,10 +74,21 @@ def test_parse_trace_groups_op_kinds_per_step():
               {"ph": "M", "name": "thread_name"}]
     profile = trace_ops.parse_trace(events, steps=2)
     assert profile["ops"]["transpose_copy_fusion"] == (3.0, 1.0)  # ms and calls per step
+    assert profile["ops"]["__onednn$convolution"] == (0.05, 0.5)  # oneDNN's calls, one kind
     assert profile["categories"] == pytest.approx({"transpose": 3.0, "convolution": 0.7,
                                                    "reduction": 0.25, "other fusions and ops": 0.1})
     assert profile["top_instructions"][0] == ["transpose_copy_fusion.3", 2.0, 0.5]
     assert len(profile["top_instructions"]) == 7
+    # With the module's custom-call targets, a native batch norm is its own kind and category.
+    hlo = """  %ffi_call.12 = f32[3,3,16,16]{3,2,1,0} custom-call(%a, %b), custom_call_target="cnnjax_conv_weight_gradient", api_version=API_VERSION_TYPED_FFI
+  %ffi_call.7 = (f32[8,16]{1,0}, f32[16]{0}, f32[16]{0}) custom-call(%c, %d, %e), custom_call_target="cnnjax_norm_act", backend_config={relu = true}"""
+    targets = trace_ops.custom_call_targets(hlo)
+    assert targets == {"ffi_call.12": "cnnjax_conv_weight_gradient", "ffi_call.7": "cnnjax_norm_act"}
+    events.append({"ph": "X", "name": "ffi_call.7", "dur": 800})
+    profile = trace_ops.parse_trace(events, steps=2, targets=targets)
+    assert profile["ops"]["cnnjax_norm_act"] == (0.4, 0.5)
+    assert profile["categories"]["batch norm + ReLU (native)"] == pytest.approx(0.4)
+    assert profile["categories"]["convolution"] == pytest.approx(0.7)
 
 
 def test_op_sources_map_instructions_to_their_jax_operation():
