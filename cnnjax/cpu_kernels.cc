@@ -241,10 +241,11 @@ ffi::Error WeightGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 //
 // x [rows, C] is an NHWC activation with its batch and spatial axes merged. Each kernel makes two
 // passes over the rows: per-channel sums, then one elementwise pass whose per-channel factors
-// come from them. The passes walk the flat array in tiles of whole rows, kTileFloats or a little
-// more, against the factors repeated across a tile, so the inner loops are long vector loops
-// whatever C is (16 channels fill one AVX-512 register; a loop per row of 16 would be mostly
-// overhead). Sums are taken per tile lane in float over kSumTiles tiles, then per channel in double.
+// come from them. The passes walk the flat array in tiles of whole rows (at most kTileFloats
+// floats, or one row where a row is longer), against the factors repeated across a tile, so the
+// inner loops are long vector loops whatever C is (16 channels fill one AVX-512 register; a loop
+// per row of 16 would be mostly overhead). Sums are taken per tile lane in float over kSumTiles
+// tiles, then per channel in double.
 
 constexpr int64_t kTileFloats = 256;
 constexpr int64_t kSumTiles = 16;
@@ -254,7 +255,8 @@ struct Rows {
   int64_t chunk_rows, chunks;
 };
 
-// Tiles of about kTileFloats floats and chunks of whole tiles, 4 per thread or more.
+// Tiles of whole rows, and chunks of whole tiles: at least kSumTiles tiles each, and 4 chunks per
+// thread where there are tiles enough.
 Rows Split(int64_t rows, int64_t c, int64_t threads) {
   Rows r{rows, c, c * std::max<int64_t>(1, kTileFloats / c), 0, 0};
   const int64_t tile_rows = r.tile / c;
@@ -312,7 +314,8 @@ std::vector<double> Sums(ffi::ThreadPool& pool, const Rows& r, const float* b,
   return total;
 }
 
-// out[i] = f(i, j) for every flat index i, j = its lane in the tile (the factors' index).
+// fn(i, len) for every tile [i, i + len) of the flat array (the factors' lane j is index - i), the
+// chunks split over the pool.
 template <typename Fn>
 void Elementwise(ffi::ThreadPool& pool, const Rows& r, const Fn& fn) {
   ParallelFor(pool, Threads(pool, r.chunks), r.chunks, [&](int, int64_t chunk) {
