@@ -184,3 +184,24 @@ def test_accelerators_never_see_the_native_op(platform):
     x, scale, bias = jnp.ones((4, 8, 8, 3)), jnp.ones(3), jnp.zeros(3)
     fn = jax.jit(jax.grad(lambda x: jnp.sum(batchnorm.norm_act_train(x, scale, bias, x, 1e-5, True)[0])))
     assert "cnnjax_norm_act" not in export.export(fn, platforms=[platform])(x).mlir_module()
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="cnnjax's CPU kernels did not build here")
+def test_resnet_blocks_call_the_native_op():
+    # A one-block CIFAR ResNet: the stem's BN + ReLU, the block's bn1 + ReLU and bn2 + shortcut +
+    # ReLU, each one call forward and one backward.
+    from cnnjax.models import resnet
+
+    model = resnet.CifarResNet(stage_sizes=(1,), width=8, num_classes=3)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    variables = model.init(jax.random.key(1), x)
+
+    def loss(params):
+        logits, _ = model.apply({**variables, "params": params}, x, train=True,
+                                mutable=["batch_stats"])
+        return jnp.sum(logits)
+
+    with batchnorm.blocked_sums():
+        hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).compile().as_text()
+    for target in (cpu_kernels.NORM_ACT, cpu_kernels.NORM_ACT_BACKWARD):
+        assert hlo.count(f'custom_call_target="{target}"') == 3
