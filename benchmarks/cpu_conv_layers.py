@@ -22,18 +22,15 @@ date, device and versions and never overwrites an existing file.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
-import jaxlib
 import numpy as np
+import results_file  # benchmarks/results_file.py, beside this script
 
 from cnnjax import cpu_kernels, onednn
 
@@ -100,8 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--out", help="save the numbers as JSON here")
     args = parser.parse_args(argv)
-    if args.out and Path(args.out).exists():
-        raise SystemExit(f"{args.out} exists; pass a new --out path (earlier results are kept).")
+    results_file.refuse_existing(args.out)
     try:
         import torch
     except ImportError:
@@ -122,11 +118,9 @@ def main(argv: list[str] | None = None) -> None:
               f"(torch {t['torch_input_gradient_ms']:.2f}), weight gradient "
               f"{t['cnnjax_weight_gradient_ms']:.2f} (torch {t['torch_weight_gradient_ms']:.2f}) ms")
     if args.out:
-        record = {"date": datetime.date.today().isoformat(), "device": str(jax.devices()[0]),
-                  "jax": jax.__version__, "jaxlib": jaxlib.__version__, "torch": torch.__version__,
-                  "torch_threads": torch.get_num_threads(), "args": vars(args), "layers": results}
-        with open(args.out, "x") as f:
-            json.dump(record, f, indent=1)
+        results_file.save_new(args.out, torch=torch.__version__,
+                              torch_threads=torch.get_num_threads(), args=vars(args),
+                              layers=results)
 
 
 if __name__ == "__main__":

@@ -18,17 +18,14 @@ prints milliseconds (medians) and, with --out, saves them with the date, device 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import time
-from pathlib import Path
 from unittest import mock
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
+import results_file  # benchmarks/results_file.py, beside this script
 
 from cnnjax import batchnorm, bench, cpu_kernels, distributed, xla_options
 
@@ -106,8 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--out", help="save the numbers as JSON here")
     args = parser.parse_args(argv)
-    if args.out and Path(args.out).exists():
-        raise SystemExit(f"{args.out} exists; pass a new --out path (earlier results are kept).")
+    results_file.refuse_existing(args.out)
     if not cpu_kernels.available():
         raise SystemExit("cnnjax's CPU kernels are not available here (no C++ compiler, or "
                          "CNNJAX_CPU_NATIVE=off); nothing to compare.")
@@ -123,11 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{args.model} b{args.batch_size} train step, {name}: median "
               f"{statistics.median(values):.1f} ms, min {min(values):.1f} ms")
     if args.out:
-        record = {"date": datetime.date.today().isoformat(), "device": str(jax.devices()[0]),
-                  "jax": jax.__version__, "jaxlib": jaxlib.__version__, "args": vars(args),
-                  "layers": layers, "steps": steps}
-        with open(args.out, "x") as f:
-            json.dump(record, f, indent=1)
+        results_file.save_new(args.out, args=vars(args), layers=layers, steps=steps)
 
 
 if __name__ == "__main__":
