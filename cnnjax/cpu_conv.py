@@ -68,6 +68,15 @@ Array = jax.Array
 # Without a compiler, or with `CNNJAX_CPU_NATIVE=off`, or with several CPU devices, XLA's weight
 # gradient runs.
 #
+# Fused shortcut gradient: a ResNet block's input feeds both its first convolution and its
+# shortcut, so its gradient is the sum of the two, which XLA adds in a pass of its own (`wrapped_add`:
+# 0.5 ms per block of resnet20's first stage at batch 128, reading two gradients and writing a
+# third). Through `layers.conv_and_input` the block's first convolution hands its input on as the
+# shortcut (`conv_passing_input`); in the "onednn" form at stride 1 its VJP then receives the
+# shortcut's gradient too and adds it in the input gradient's oneDNN call (a binary-add post-op,
+# `onednn.conv(addend=)`), as the kernel writes each output. resnet20's train step 1.007x to 1.021x
+# (benchmarks/RESULTS.md); elsewhere the convolution and its input as they are.
+#
 # Before picking a form, a kernel whose outer taps meet only padding, on every output, is cropped to
 # the taps that meet the input ("cropped kernel", `live_taps`): ImageNet nets on CIFAR-size images
 # run 3x3 and 5x5 kernels on 1x1 and 2x2 maps (ResNet-18's layer4, GoogLeNet's last inceptions),
@@ -307,16 +316,8 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
                 precision=precision, preferred_element_type=preferred_element_type)
 
         return lax.platform_dependent(lhs, rhs, cpu=cropped, default=conv)
-    form = cpu_conv_form(lhs.shape, rhs.shape, padding, lhs_dilation, rhs_dilation,
-                         dimension_numbers, feature_group_count, strides)
-    if form in (None, "taps", "narrow") and _generic_float32(
-            lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
-            strides, preferred_element_type):
-        if onednn.enabled() and onednn.available() and _onednn_beside(form, rhs.shape):
-            form = "onednn"
-        elif (form is None and rhs.shape[3] % 8 == 0 and cpu_kernels.enabled()
-              and cpu_kernels.available()):
-            form = "native"
+    form = _cpu_form(lhs, rhs, strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                     feature_group_count, preferred_element_type)
     dot = functools.partial(lax.dot_general, precision=precision,
                             preferred_element_type=preferred_element_type)
     rewritten = _form_function(form, conv, dot, strides, padding)
@@ -330,6 +331,69 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
         return rewritten(x, w)
 
     return lax.platform_dependent(lhs, rhs, cpu=cpu, default=conv)
+
+
+def _cpu_form(lhs: Array, rhs: Array, strides: tuple[int, int], padding: Any, lhs_dilation: Any,
+              rhs_dilation: Any, dimension_numbers: Any, feature_group_count: int,
+              preferred_element_type: Any) -> str | None:
+    """The form (above) this convolution takes on CPU, kernel cropping aside."""
+    form = cpu_conv_form(lhs.shape, rhs.shape, padding, lhs_dilation, rhs_dilation,
+                         dimension_numbers, feature_group_count, strides)
+    if form in (None, "taps", "narrow") and _generic_float32(
+            lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+            strides, preferred_element_type):
+        if onednn.enabled() and onednn.available() and _onednn_beside(form, rhs.shape):
+            return "onednn"
+        if (form is None and rhs.shape[3] % 8 == 0 and cpu_kernels.enabled()
+                and cpu_kernels.available()):
+            return "native"
+    return form
+
+
+def conv_passing_input(lhs: Array, rhs: Array, window_strides: Sequence[int], padding: Any,
+                       lhs_dilation: Any = None, rhs_dilation: Any = None,
+                       dimension_numbers: Any = None, feature_group_count: int = 1,
+                       precision: Any = None, preferred_element_type: Any = None
+                       ) -> tuple[Array, Array]:
+    """(`conv_general_dilated(lhs, rhs, ...)`, lhs): the convolution and its input passed through,
+    for a block whose shortcut reads the convolution's input. Where the input's two gradients
+    would be added in a pass of their own (a ResNet block's input: the convolution's input gradient
+    plus the shortcut's gradient), the "onednn" form adds the shortcut's gradient in its input
+    gradient's call instead ("fused shortcut gradient" above); elsewhere the convolution and lhs
+    itself."""
+    strides = tuple(window_strides)
+    args = dict(window_strides=strides, padding=padding, lhs_dilation=lhs_dilation,
+                rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                feature_group_count=feature_group_count, precision=precision,
+                preferred_element_type=preferred_element_type)
+
+    def plain(x: Array, w: Array) -> tuple[Array, Array]:
+        return conv_general_dilated(x, w, **args), x
+
+    if (not cpu_rewrites_enabled() or strides != (1, 1)
+            or not _undilated_nhwc(lhs, dimension_numbers, lhs_dilation, rhs_dilation)
+            or live_taps(lhs.shape, rhs.shape, strides, padding) is not None
+            or _cpu_form(lhs, rhs, strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                         feature_group_count, preferred_element_type) != "onednn"
+            or not _native_weight_gradient(lhs, rhs, strides, padding)
+            or not onednn.addend_available()):
+        return plain(lhs, rhs)
+    pads = pad_pairs(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+    if not all(p < k for k, pair in zip(rhs.shape[:2], pads, strict=True) for p in pair):
+        return plain(lhs, rhs)
+
+    @jax.custom_vjp
+    def fused(x: Array, w: Array) -> tuple[Array, Array]:
+        return onednn.conv(x, w, strides, pads), x
+
+    def fused_backward(residuals: tuple[Array, Array], cotangents: tuple[Array, Array]
+                       ) -> tuple[Array, Array]:
+        (x, w), (g, x_through_grad) = residuals, cotangents
+        return (onednn.input_gradient(g, w, pads, x_through_grad),
+                cpu_kernels.weight_gradient(x, g, w.shape[:2], strides, pads))
+
+    fused.defvjp(lambda x, w: (fused(x, w), (x, w)), fused_backward)
+    return lax.platform_dependent(lhs, rhs, cpu=fused, default=plain)
 
 
 def _onednn_beside(form: str | None, rhs_shape: Sequence[int]) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import functools
 from collections.abc import Callable, Sequence
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from cnnjax.batchnorm import BatchNorm
-from cnnjax.cpu_conv import conv_general_dilated
+from cnnjax.cpu_conv import conv_general_dilated, conv_passing_input
 from cnnjax.padding import PaddingLike, explicit_padding, pad_pairs, pair
 
 Array = jax.Array
@@ -29,11 +30,28 @@ def _unknown(kind: str, name: str, choices: Sequence[str]) -> ValueError:
 # --- convolution --------------------------------------------------------------------------------
 
 
+# Set by `conv_and_input` while a Conv runs: where `_conv` puts the input passed through the
+# convolution (the module's call returns only the convolution's output, as interceptors expect).
+_PASSED_INPUT: contextvars.ContextVar[list[Array] | None] = contextvars.ContextVar(
+    "cnnjax_passed_input", default=None)
+
+
+def _conv(lhs: Array, rhs: Array, *args: Any, **kwargs: Any) -> Array:
+    """cpu_conv.conv_general_dilated; inside `conv_and_input`, cpu_conv.conv_passing_input, its
+    passed-through input kept for the caller."""
+    passed = _PASSED_INPUT.get()
+    if passed is None:
+        return conv_general_dilated(lhs, rhs, *args, **kwargs)
+    y, x = conv_passing_input(lhs, rhs, *args, **kwargs)
+    passed.append(x)
+    return y
+
+
 class Conv(nn.Conv):
     """`nn.Conv` that also accepts padding="FULL", with the CPU forms of cnnjax/cpu_conv.py. Same parameters
     and names."""
 
-    conv_general_dilated: Any = conv_general_dilated
+    conv_general_dilated: Any = _conv
 
     def __post_init__(self) -> None:
         if isinstance(self.padding, str) and self.padding.upper() == "FULL":
@@ -100,6 +118,24 @@ def batch_norm(train: bool, *, dtype: Any = None, momentum: float = 0.9, epsilon
     """
     return BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon,
                      dtype=dtype, param_dtype=jnp.float32, **kwargs)
+
+
+def conv_and_input(conv: nn.Module, x: Array) -> tuple[Array, Array]:
+    """(conv(x), x), with `conv` a built module, for a block whose shortcut reads x: use the x this
+    returns. With cnnjax's `Conv` the convolution passes x through, so that where its CPU form
+    allows (cnnjax/cpu_conv.py, "fused shortcut gradient") x's two gradients, the convolution's and
+    the shortcut's, are added in one call; any other module runs as written, x returned as it is."""
+    passed: list[Array] = []
+    token = _PASSED_INPUT.set(passed)
+    try:
+        y = conv(x)
+    finally:
+        _PASSED_INPUT.reset(token)
+    # nn.Conv hands the convolution a cast or reshaped input where its dtype or batch dims call for
+    # it: the shortcut then reads the caller's x itself.
+    if len(passed) != 1 or passed[0].shape != x.shape or passed[0].dtype != x.dtype:
+        return y, x
+    return y, passed[0]
 
 
 def norm_act(norm: nn.Module, x: Array, act: Callable[[Array], Array],

@@ -61,10 +61,11 @@ def _dimension_numbers(layout: Layout) -> lax.ConvDimensionNumbers:
 
 def conv(x: Array, w: Array, strides: Sequence[int] = (1, 1),
          padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0)), dilation: Sequence[int] = (1, 1),
-         layout: Layout = NHWC) -> Array:
+         layout: Layout = NHWC, addend: Array | None = None) -> Array:
     """oneDNN's forward convolution of float32 x with w: `lax.conv_general_dilated(x, w, strides,
-    padding, rhs_dilation=dilation)` with the dimension numbers `layout` names. Padding is
-    explicit and non-negative. CPU only."""
+    padding, rhs_dilation=dilation)` with the dimension numbers `layout` names, plus `addend` (of
+    the output's shape) where given, added as the kernel writes its output (oneDNN's binary-add
+    post-op: no pass of its own). Padding is explicit and non-negative. CPU only."""
     (_, _, xs), (wi, wo, ws), (yb, yf, ys) = layout
     out = jax.eval_shape(functools.partial(
         lax.conv_general_dilated, window_strides=strides, padding=padding, rhs_dilation=dilation,
@@ -79,19 +80,24 @@ def conv(x: Array, w: Array, strides: Sequence[int] = (1, 1),
         # This jaxlib's encoding: strides and pads as they are, dilations as XLA's (1 = none).
         "window": {"strides": list(strides), "pad_left": [p[0] for p in padding],
                    "pad_right": [p[1] for p in padding], "window_dilations": list(dilation)}}}
+    operands = (x, w)
+    if addend is not None:
+        config["onednn_conv_config"]["fusions"] = {"ops": ["BINARY_ADD"]}
+        operands = (x, w, addend)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(out.shape, out.dtype),
                             vmap_method="sequential", custom_call_api_version=1,
                             legacy_backend_config=json.dumps(config))
-    return call(x, w)
+    return call(*operands)
 
 
-def input_gradient(g: Array, w: Array, padding: Sequence[tuple[int, int]]) -> Array:
+def input_gradient(g: Array, w: Array, padding: Sequence[tuple[int, int]],
+                   addend: Array | None = None) -> Array:
     """dL/dx of a stride-1 NHWC convolution of w with `padding`, from its output gradient g: g padded
-    by kernel - 1 - pad on each side, convolved with w flipped and its channel axes swapped. Needs
-    every pad below its kernel size."""
+    by kernel - 1 - pad on each side, convolved with w flipped and its channel axes swapped; plus
+    `addend` (x's shape) where given, in the same call. Needs every pad below its kernel size."""
     kh, kw = w.shape[:2]
     full = [(k - 1 - low, k - 1 - high) for k, (low, high) in zip((kh, kw), padding, strict=True)]
-    return conv(g, w[::-1, ::-1], (1, 1), full, (1, 1), _SWAPPED)
+    return conv(g, w[::-1, ::-1], (1, 1), full, (1, 1), _SWAPPED, addend)
 
 
 def _phase(size: int, kernel: int, stride: int, low: int, out: int, p: int
@@ -174,4 +180,27 @@ def available() -> bool:
         ours, theirs = run_apart_on_cpu(both, x, w, g, g2)
         return all(np.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(ours, theirs, strict=True))
     except Exception:  # no such custom call target, or a config this jaxlib reads differently
+        return False
+
+
+@functools.cache
+def addend_available() -> bool:
+    """Whether `conv` also takes an addend here: `available()`, and this jaxlib's call reads the
+    binary-add fusion in its config as `conv(...) + addend` (a config XLA may encode differently
+    in other versions; without it cnnjax adds in a pass of its own). Checked once per process."""
+    if not available():
+        return False
+    try:
+        rng = np.random.default_rng(1)
+        g = rng.standard_normal((2, 5, 6, 4), np.float32)
+        w = rng.standard_normal((3, 2, 3, 4), np.float32)
+        addend = rng.standard_normal((2, 5, 6, 3), np.float32)
+        padding = ((1, 1), (0, 1))
+
+        def both(g: Array, w: Array, addend: Array) -> tuple[Array, Array]:
+            return input_gradient(g, w, padding, addend), input_gradient(g, w, padding) + addend
+
+        ours, theirs = run_apart_on_cpu(both, g, w, addend)
+        return bool(np.allclose(ours, theirs, rtol=1e-5, atol=1e-5))
+    except Exception:  # a config this jaxlib reads differently
         return False

@@ -6,8 +6,10 @@ import platform
 import subprocess
 import sys
 import warnings
+from typing import Any
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import jaxlib
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 from jax import export, lax
 
-from cnnjax import cpu_conv, cpu_kernels, onednn
+from cnnjax import cpu_conv, cpu_kernels, layers, onednn
 
 needs_onednn = pytest.mark.skipif(not onednn.available(),
                                   reason="this jaxlib's CPU backend runs no oneDNN convolution")
@@ -85,6 +87,95 @@ def test_strided_input_gradient_matches_xla():
         ours = jax.jit(onednn.strided_input_gradient, static_argnums=(2, 3, 4))(
             g, w, x_shape, strides, padding)
         chex.assert_trees_all_close(ours, vjp(g)[0], atol=1e-4, rtol=1e-5)
+
+
+@needs_onednn
+def test_input_gradient_takes_an_addend_in_the_same_call():
+    if platform.machine() != "x86_64" or not jaxlib.__version__.startswith("0.10."):
+        pytest.skip("the binary-add config was verified on x86-64 with jaxlib 0.10 only")
+    assert onednn.addend_available()
+    rng = np.random.default_rng(3)
+    x_shape, w_shape, _, padding = CASES[0]
+    w = rng.standard_normal(w_shape, np.float32)
+    g = rng.standard_normal(_xla(np.zeros(x_shape, np.float32), w, (1, 1), padding).shape, np.float32)
+    addend = rng.standard_normal(x_shape, np.float32)
+    fused = jax.jit(lambda g, w, a: onednn.input_gradient(g, w, padding, a))
+    x_grad = jax.vjp(lambda x: _xla(x, w, (1, 1), padding), np.zeros(x_shape, np.float32))[1](g)[0]
+    chex.assert_trees_all_close(fused(g, w, addend), x_grad + addend, atol=1e-4, rtol=1e-5)
+    hlo = fused.lower(g, w, addend).compile().as_text()
+    assert hlo.count(f'custom_call_target="{onednn.TARGET}"') == 1 and "BINARY_ADD" in hlo
+
+
+def _block_input_grad(conv_and_input):
+    """The gradient of a residual block's head: conv(x) and a shortcut that reads x, through
+    `conv_and_input(x, w) -> (y, x)`, under a nonlinear loss."""
+    def loss(x, w):
+        y, shortcut = conv_and_input(x, w)
+        return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.cos(shortcut) * shortcut)
+
+    return jax.grad(loss, (0, 1))
+
+
+@needs_onednn
+def test_conv_passing_input_adds_the_shortcut_gradient_in_onednns_call(monkeypatch):
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 8))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 8, 8))
+    padding = ((1, 1), (1, 1))
+    ours = jax.jit(_block_input_grad(lambda x, w: cpu_conv.conv_passing_input(
+        x, w, (1, 1), padding, dimension_numbers=cpu_conv._NHWC)))
+    expected = _block_input_grad(lambda x, w: (_xla(x, w, (1, 1), padding), x))(x, w)
+    chex.assert_trees_all_close(ours(x, w), expected, atol=1e-3, rtol=1e-4)
+    hlo = ours.lower(x, w).compile().as_text()
+    # Forward pass and input gradient, the shortcut's gradient added inside the second call.
+    assert hlo.count(f'custom_call_target="{onednn.TARGET}"') == 2 and "BINARY_ADD" in hlo
+    # The same block through the plain convolution adds the two gradients in a pass of its own.
+    plain = jax.jit(_block_input_grad(lambda x, w: (_ours((1, 1), padding)(x, w), x)))
+    assert "BINARY_ADD" not in plain.lower(x, w).compile().as_text()
+    # Where no fused form applies (stride 2 here, the CPU forms off), the convolution and x as they
+    # are, with the same gradients.
+    strided = _block_input_grad(lambda x, w: cpu_conv.conv_passing_input(
+        x, w, (2, 2), padding, dimension_numbers=cpu_conv._NHWC))
+    chex.assert_trees_all_close(
+        jax.jit(strided)(x, w),
+        _block_input_grad(lambda x, w: (_xla(x, w, (2, 2), padding), x))(x, w), atol=1e-3, rtol=1e-4)
+    assert "BINARY_ADD" not in jax.jit(strided).lower(x, w).compile().as_text()
+    monkeypatch.setenv("CNNJAX_CPU_REWRITES", "off")
+    off = jax.jit(_block_input_grad(lambda x, w: cpu_conv.conv_passing_input(
+        x, w, (1, 1), padding, dimension_numbers=cpu_conv._NHWC)))
+    assert onednn.TARGET not in off.lower(x, w).compile().as_text()
+    chex.assert_trees_all_close(off(x, w), expected, atol=1e-3, rtol=1e-4)
+
+
+class _Head(nn.Module):
+    """A residual block's head: conv1 and an identity shortcut, through `layers.conv_and_input`."""
+
+    conv: type[nn.Module]
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        y, shortcut = layers.conv_and_input(self.conv(8, (3, 3), padding=1, dtype=self.dtype), x)
+        return y, shortcut
+
+
+@needs_onednn
+def test_conv_and_input_passes_the_input_through_cnnjaxs_conv_only():
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 8))
+    variables = _Head(nn.Conv).init(jax.random.key(1), x)
+
+    def grad(head):
+        def loss(x):
+            y, shortcut = head.apply(variables, x)
+            return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.cos(shortcut) * shortcut)
+        return jax.jit(jax.grad(loss))
+
+    ours, theirs = grad(_Head(layers.Conv)), grad(_Head(nn.Conv))
+    chex.assert_trees_all_close(ours(x), theirs(x), atol=1e-3, rtol=1e-4)
+    assert "BINARY_ADD" in ours.lower(x).compile().as_text()
+    # flax's own Conv, and ours where it casts its input, leave the caller's x as the shortcut.
+    assert _Head(nn.Conv).apply(variables, x)[1] is x
+    y, shortcut = _Head(layers.Conv, jnp.bfloat16).apply(variables, x)
+    assert y.dtype == jnp.bfloat16 and shortcut is x
 
 
 @needs_onednn

@@ -14,6 +14,7 @@ from cnnjax.layers import (
     Conv,
     activation,
     batch_norm,
+    conv_and_input,
     global_avg_pool,
     initializer,
     max_pool,
@@ -89,7 +90,7 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         s = (self.strides, self.strides)
-        y = self.conv(self.filters, (3, 3), strides=s, padding=1, name="conv1")(x)
+        y, x = conv_and_input(self.conv(self.filters, (3, 3), strides=s, padding=1, name="conv1"), x)
         y = norm_act(self.norm(name="bn1"), y, self.act)
         y = self.conv(self.filters, (3, 3), padding=1, name="conv2")(y)
         bn2 = self.norm(name="bn2", **_last_norm_kwargs(self.zero_init_residual))
