@@ -40,10 +40,15 @@ def test_available_where_a_compiler_is():
 # tail [2 + 1]), 8 (the tail alone [1]), 40 (a 2-vector block and the tail [2 + 2 + 1]), 64 (two
 # 2-vector blocks [four]); input channels in one block (16 against 1 vector) or split (20 and 64
 # against 2 vectors: blocks of at most 12 [6]); strided, asymmetric and zero padding; one image with
-# AlexNet's 11x11 stride-4 stem; 4x4 maps, where a chunk holds several images.
+# AlexNet's 11x11 stride-4 stem; 4x4 maps, where a chunk holds several images. With AVX-512, three
+# taps wide at stride 1 along the width and 16 output channels take the kernel-row blocks
+# (`RowBlock`): 16 input channels (blocks of 8), 13 (7 and 6), a row stride of 2, no padding on the
+# left and two on the right, and 3x3 over 5x5 and 9x9 maps.
 CASES = [
     ((2, 7, 7, 20), (3, 3, 20, 40), (1, 1), ((1, 1), (1, 1))),
     ((4, 12, 12, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1))),
+    ((3, 9, 9, 13), (3, 3, 13, 16), (2, 1), ((1, 0), (0, 2))),
+    ((5, 5, 5, 16), (2, 3, 16, 16), (1, 1), ((0, 1), (2, 0))),
     ((3, 9, 8, 7), (3, 2, 7, 24), (2, 1), ((1, 2), (0, 1))),
     ((2, 6, 5, 3), (5, 3, 3, 8), (1, 2), ((2, 2), (1, 1))),
     ((1, 23, 23, 3), (11, 11, 3, 8), (4, 4), ((2, 2), (2, 2))),
