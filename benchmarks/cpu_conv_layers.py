@@ -9,11 +9,18 @@ layer that opens stage 2), in one process:
 - weight gradient: `cpu_kernels.weight_gradient` (cnnjax/cpu_kernels.cc) against torch's
   `convolution_backward` for the weight;
 
-torch in channels_last (NHWC, the layout cnnjax uses), on one thread per core (`os.cpu_count()`).
-Timed in turn (each call of the six, five times, then the next; six rounds) after one warm-up;
-medians of the rounds, in milliseconds.
+torch in channels_last (NHWC, the layout cnnjax uses), on one thread per core (`os.cpu_count()`),
+or on `--threads N` cores (the process pinned to the first N, torch on N threads). Timed in turn
+(each call of the six, five times, then the next; six rounds) after one warm-up; medians of the
+rounds, in milliseconds.
 
     python benchmarks/cpu_conv_layers.py --batch-size 128 [--out FILE.json]
+
+`--side cnnjax` or `--side torch` times one library's three calls alone, in a process without the
+other: torch's OpenMP threads spin for a while after each call and slow whatever runs next on these
+two cores, so in one process the calls that follow torch's pay for it. Run the two sides one after
+the other, twice (`--side cnnjax; --side torch; --side cnnjax; --side torch`), to compare them
+apart.
 
 Needs torch (`pip install torch`, a benchmark-only dependency); --out saves the numbers with the
 date, device and versions and never overwrites an existing file.
@@ -53,7 +60,8 @@ def _alternating_ms(calls: dict[str, Callable[[], Any]], rounds: int = 6,
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def layer(batch: int, size: int, cin: int, cout: int, stride: int, torch) -> dict[str, float]:
+def layer(batch: int, size: int, cin: int, cout: int, stride: int, torch,
+          side: str = "both") -> dict[str, float]:
     rng = np.random.default_rng(0)
     pads = ((1, 1), (1, 1))
     x = rng.standard_normal((batch, size, size, cin), np.float32)
@@ -80,24 +88,36 @@ def layer(batch: int, size: int, cin: int, cout: int, stride: int, torch) -> dic
             tg, tx, tw, None, [stride] * 2, [1, 1], [1, 1], False, [0, 0], 1, mask)
 
     x, w, g = (jax.device_put(a) for a in (x, w, g))  # on the device once, not per call
+    calls = {
+        "cnnjax_forward_ms": lambda: forward(x, w),
+        "torch_forward_ms": lambda: torch.nn.functional.conv2d(tx, tw, None, stride, 1),
+        "cnnjax_input_gradient_ms": lambda: input_grad(g, w),
+        "torch_input_gradient_ms": backward([True, False, False]),
+        "cnnjax_weight_gradient_ms": lambda: weight_grad(x, g),
+        "torch_weight_gradient_ms": backward([False, True, False]),
+    }
+    if side != "both":
+        calls = {name: call for name, call in calls.items() if name.startswith(side)}
     with torch.no_grad():
-        return _alternating_ms({
-            "cnnjax_forward_ms": lambda: forward(x, w),
-            "torch_forward_ms": lambda: torch.nn.functional.conv2d(tx, tw, None, stride, 1),
-            "cnnjax_input_gradient_ms": lambda: input_grad(g, w),
-            "torch_input_gradient_ms": backward([True, False, False]),
-            "cnnjax_weight_gradient_ms": lambda: weight_grad(x, g),
-            "torch_weight_gradient_ms": backward([False, True, False]),
-        })
+        return _alternating_ms(calls)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--side", choices=("both", "cnnjax", "torch"), default="both",
+                        help="time both libraries' calls in turn, or one library's alone")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="pin the process to this many cores (torch on as many threads)")
     parser.add_argument("--out", help="save the numbers as JSON here")
     args = parser.parse_args(argv)
     results_file.refuse_existing(args.out)
+    if not 1 <= args.threads <= len(os.sched_getaffinity(0)):
+        raise SystemExit(f"--threads {args.threads}: this process may run on "
+                         f"{len(os.sched_getaffinity(0))} cores; pass 1 to that many.")
+    # Before JAX starts its CPU client, which sizes its thread pool by the cores it may run on.
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
     try:
         import torch
     except ImportError:
@@ -106,17 +126,20 @@ def main(argv: list[str] | None = None) -> None:
     if not (onednn.available() and cpu_kernels.available()):
         raise SystemExit("oneDNN's call or cnnjax's CPU kernels are not available here; nothing "
                          "to compare.")
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     s = args.image_size
-    shapes = [(s, 16, 16, 1), (s // 2, 32, 32, 1), (s // 4, 64, 64, 1), (s, 16, 32, 2)]
+    shapes = [(s, 16, 16, 1), (s // 2, 32, 32, 1), (s // 4, 64, 64, 1), (s, 16, 32, 2),
+              (s // 2, 32, 64, 2)]
     results = {}
     for size, cin, cout, stride in shapes:
         name = f"{args.batch_size}x{size}x{size}x{cin}->{cout} stride {stride}"
-        results[name] = t = layer(args.batch_size, size, cin, cout, stride, torch)
-        print(f"{name}: forward {t['cnnjax_forward_ms']:.2f} (torch {t['torch_forward_ms']:.2f}), "
-              f"input gradient {t['cnnjax_input_gradient_ms']:.2f} "
-              f"(torch {t['torch_input_gradient_ms']:.2f}), weight gradient "
-              f"{t['cnnjax_weight_gradient_ms']:.2f} (torch {t['torch_weight_gradient_ms']:.2f}) ms")
+        results[name] = t = layer(args.batch_size, size, cin, cout, stride, torch, args.side)
+        parts = []
+        for call in ("forward", "input_gradient", "weight_gradient"):
+            times = [f"{side} {t[f'{side}_{call}_ms']:.2f}" for side in ("cnnjax", "torch")
+                     if f"{side}_{call}_ms" in t]
+            parts.append(f"{call.replace('_', ' ')} {', '.join(times)}")
+        print(f"{name} ({args.threads} threads): {'; '.join(parts)} ms")
     if args.out:
         results_file.save_new(args.out, torch=torch.__version__,
                               torch_threads=torch.get_num_threads(), args=vars(args),
