@@ -379,7 +379,7 @@ def conv_passing_input(lhs: Array, rhs: Array, window_strides: Sequence[int], pa
             or not onednn.addend_available()):
         return plain(lhs, rhs)
     pads = pad_pairs(lhs.shape[1:3], rhs.shape[:2], strides, padding)
-    if not all(p < k for k, pair in zip(rhs.shape[:2], pads, strict=True) for p in pair):
+    if not onednn.pads_below_kernel(rhs.shape[:2], pads):
         return plain(lhs, rhs)
 
     @jax.custom_vjp
@@ -431,7 +431,7 @@ def _form_function(form: str | None, conv: Callable[[Array, Array], Array], dot:
             pads = pad_pairs(x.shape[1:3], w.shape[:2], strides, padding)
             if strides != (1, 1):  # one stride-1 call per phase of the input
                 x_grad = onednn.strided_input_gradient(g, w, x.shape, strides, pads)
-            elif all(p < k for k, pair in zip(w.shape[:2], pads, strict=True) for p in pair):
+            elif onednn.pads_below_kernel(w.shape[:2], pads):
                 x_grad = onednn.input_gradient(g, w, pads)
             else:
                 x_grad = jax.vjp(lambda x: conv(x, w), x)[1](g)[0]

@@ -125,17 +125,25 @@ void BlockOf(int64_t cb, const Conv& s, const float* x, const float* g, const Ra
   Block<Vec, CB, V>(s, x, g, r, c0, o0, out);
 }
 
+// fn(c0, cb) for channels [0, ci) in near-equal blocks [c0, c0 + cb) of at most `most`.
+template <typename Fn>
+void ChannelBlocks(int64_t ci, int64_t most, const Fn& fn) {
+  const int64_t blocks = (ci + most - 1) / most;
+  for (int64_t b = 0, c0 = 0; b < blocks; ++b) {
+    const int64_t cb = (ci - c0) / (blocks - b);
+    fn(c0, cb);
+    c0 += cb;
+  }
+}
+
 // Input channels [0, ci) in near-equal blocks of at most MaxChannels<V>(), each against output
 // channels [o0, o0 + V * lanes of Vec).
 template <typename Vec, int V>
 void Channels(const Conv& s, const float* x, const float* g, const Range& r, int64_t o0,
               float* out) {
-  const int64_t blocks = (s.ci + MaxChannels<V>() - 1) / MaxChannels<V>();
-  for (int64_t b = 0, c0 = 0; b < blocks; ++b) {
-    const int64_t cb = (s.ci - c0) / (blocks - b);
+  ChannelBlocks(s.ci, MaxChannels<V>(), [&](int64_t c0, int64_t cb) {
     BlockOf<Vec, V>(cb, s, x, g, r, c0, o0, out);
-    c0 += cb;
-  }
+  });
 }
 
 int64_t CeilDiv(int64_t a, int64_t b) { return a >= 0 ? (a + b - 1) / b : -((-a) / b); }
@@ -231,12 +239,9 @@ void RowChunk(const Conv& s, const float* x, const float* g, int64_t n0, int64_t
   ValidRange(s.h, s.ho, s.sh, i, s.pt, &oh0, &oh1);
   if (oh0 == oh1) return;
   float* out = acc + i * s.kw * s.ci * s.co;
-  const int64_t blocks = (s.ci + kRowChannels - 1) / kRowChannels;
-  for (int64_t b = 0, c0 = 0; b < blocks; ++b) {
-    const int64_t cb = (s.ci - c0) / (blocks - b);
+  ChannelBlocks(s.ci, kRowChannels, [&](int64_t c0, int64_t cb) {
     RowBlockOf(cb, s, x, g, n0, n1, i, oh0, oh1, c0, out);
-    c0 += cb;
-  }
+  });
 }
 
 // Runs fn(worker, chunk) for every chunk in [0, chunks) on the calling thread and threads - 1 tasks

@@ -90,6 +90,11 @@ def conv(x: Array, w: Array, strides: Sequence[int] = (1, 1),
     return call(*operands)
 
 
+def pads_below_kernel(kernel: Sequence[int], padding: Sequence[tuple[int, int]]) -> bool:
+    """Whether every pad is below its kernel size: what `input_gradient` needs."""
+    return all(p < k for k, pair in zip(kernel, padding, strict=True) for p in pair)
+
+
 def input_gradient(g: Array, w: Array, padding: Sequence[tuple[int, int]],
                    addend: Array | None = None) -> Array:
     """dL/dx of a stride-1 NHWC convolution of w with `padding`, from its output gradient g: g padded
