@@ -3,9 +3,12 @@
 For each 3x3 layer shape of a CIFAR ResNet at batch B (16, 32 and 64 channels, and the stride-2
 layer that opens stage 2), in one process:
 
-- forward: `onednn.conv` (jaxlib's `__onednn$convolution` call) against torch's `conv2d`;
-- input gradient: `onednn.input_gradient` (stride 1) or `onednn.strided_input_gradient` (one
-  stride-1 call per input phase) against torch's `convolution_backward` for the input;
+- forward: the call cnnjax's train step makes, `cpu_kernels.conv` (the gather kernel) where the
+  layer's channels fit it, else `onednn.conv` (jaxlib's `__onednn$convolution` call), against
+  torch's `conv2d`;
+- input gradient: likewise `cpu_kernels.input_gradient` (one call at any stride), else
+  `onednn.input_gradient` (stride 1) or `onednn.strided_input_gradient` (one stride-1 call per
+  input phase), against torch's `convolution_backward` for the input;
 - weight gradient: `cpu_kernels.weight_gradient` (cnnjax/cpu_kernels.cc) against torch's
   `convolution_backward` for the weight;
 
@@ -14,7 +17,10 @@ or on `--threads N` cores (the process pinned to the first N, torch on N threads
 (each call of the six, five times, then the next; six rounds) after one warm-up; medians of the
 rounds, in milliseconds.
 
-    python benchmarks/cpu_conv_layers.py --batch-size 128 [--out FILE.json]
+    python benchmarks/cpu_conv_layers.py --batch-size 128 [--kernels onednn] [--out FILE.json]
+
+`--kernels onednn` times oneDNN's calls for the forward pass and the input gradient instead, where
+the gather kernel would take them (what cnnjax ran before it).
 
 `--side cnnjax` or `--side torch` times one library's three calls alone, in a process without the
 other: torch's OpenMP threads spin for a while after each call and slow whatever runs next on these
@@ -61,21 +67,27 @@ def _alternating_ms(calls: dict[str, Callable[[], Any]], rounds: int = 6,
 
 
 def layer(batch: int, size: int, cin: int, cout: int, stride: int, torch,
-          side: str = "both") -> dict[str, float]:
+          side: str = "both", kernels: str = "cnnjax") -> dict[str, float]:
     rng = np.random.default_rng(0)
     pads = ((1, 1), (1, 1))
     x = rng.standard_normal((batch, size, size, cin), np.float32)
     w = rng.standard_normal((3, 3, cin, cout), np.float32)
     out = size // stride
     g = rng.standard_normal((batch, out, out, cout), np.float32)
-    forward = jax.jit(lambda x, w: onednn.conv(x, w, (stride, stride), pads))
-    if stride == 1:
+    strides = (stride, stride)
+    gather = kernels == "cnnjax"
+    if gather and cpu_kernels.conv_fits(cin, cout):
+        forward = jax.jit(lambda x, w: cpu_kernels.conv(x, w, strides, pads))
+    else:
+        forward = jax.jit(lambda x, w: onednn.conv(x, w, strides, pads))
+    if gather and cpu_kernels.conv_fits(cout, cin):
+        input_grad = jax.jit(lambda g, w: cpu_kernels.input_gradient(g, w, x.shape, strides, pads))
+    elif stride == 1:
         input_grad = jax.jit(lambda g, w: onednn.input_gradient(g, w, pads))
     else:
         input_grad = jax.jit(lambda g, w: onednn.strided_input_gradient(
-            g, w, x.shape, (stride, stride), pads))
-    weight_grad = jax.jit(lambda x, g: cpu_kernels.weight_gradient(
-        x, g, (3, 3), (stride, stride), pads))
+            g, w, x.shape, strides, pads))
+    weight_grad = jax.jit(lambda x, g: cpu_kernels.weight_gradient(x, g, (3, 3), strides, pads))
 
     def nchw(a):  # an NHWC array as torch's NCHW tensor in channels_last memory
         return torch.from_numpy(a).permute(0, 3, 1, 2)
@@ -108,6 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--side", choices=("both", "cnnjax", "torch"), default="both",
                         help="time both libraries' calls in turn, or one library's alone")
+    parser.add_argument("--kernels", choices=("cnnjax", "onednn"), default="cnnjax",
+                        help="cnnjax's forward and input-gradient calls as its train step makes "
+                             "them, or oneDNN's in their place")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="pin the process to this many cores (torch on as many threads)")
     parser.add_argument("--out", help="save the numbers as JSON here")
@@ -133,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for size, cin, cout, stride in shapes:
         name = f"{args.batch_size}x{size}x{size}x{cin}->{cout} stride {stride}"
-        results[name] = t = layer(args.batch_size, size, cin, cout, stride, torch, args.side)
+        results[name] = t = layer(args.batch_size, size, cin, cout, stride, torch, args.side,
+                                  args.kernels)
         parts = []
         for call in ("forward", "input_gradient", "weight_gradient"):
             times = [f"{side} {t[f'{side}_{call}_ms']:.2f}" for side in ("cnnjax", "torch")

@@ -1,6 +1,6 @@
 """The convolution on CPU: `conv_general_dilated`, which `layers.Conv` calls, runs five common layer
-shapes in faster forms than XLA:CPU's generic kernel, the rest as oneDNN's kernel, and takes weight
-gradients from cnnjax's own CPU kernel."""
+shapes in faster forms than XLA:CPU's generic kernel, the rest as cnnjax's own gather kernel or
+oneDNN's, and takes weight gradients from cnnjax's own CPU kernel."""
 
 from __future__ import annotations
 
@@ -50,15 +50,28 @@ Array = jax.Array
 #   grouped convolution ran these layers' forward pass 15x to 66x slower and their gradient 8x to 29x
 #   slower; mobilenet_v2 trains 5x faster, efficientnet_b0 4x (benchmarks/RESULTS.md).
 # - "onednn": any other float32 layer (groups 1, no dilation) runs its forward pass and its input
-#   gradient as oneDNN's kernel, which jaxlib carries (cnnjax/onednn.py), where the process has one
-#   CPU device (a strided layer's input gradient as one stride-1 call per phase of the input, where
-#   XLA's kernel does stride^2 times the work on the dilated gradient); the weight gradient is the
-#   native one below. In steps with YNNPACK's fusions (models of 1M parameters and more,
-#   cnnjax/xla_options.py) resnet18 at 32 px trained 2.5x faster and resnet50 at 64 px 1.8x;
-#   without them XLA's own kernel is closer and resnet20 gained little (benchmarks/RESULTS.md).
-#   `CNNJAX_CPU_ONEDNN=off` turns this form alone off.
-# - "native": where oneDNN's call is off or unavailable, the same layers keep XLA's forward pass and
-#   input gradient and take the native weight gradient.
+#   gradient as custom calls, where the process has one CPU device: cnnjax's gather kernel where
+#   the layer's channels fit it (below), else oneDNN's kernel, which jaxlib carries
+#   (cnnjax/onednn.py; a strided layer's input gradient as one stride-1 call per phase of the
+#   input, where XLA's kernel does stride^2 times the work on the dilated gradient); the weight
+#   gradient is the native one below. In steps with YNNPACK's fusions (models of 1M parameters and
+#   more, cnnjax/xla_options.py) oneDNN's kernel trained resnet18 at 32 px 2.5x faster and resnet50
+#   at 64 px 1.8x (benchmarks/RESULTS.md). `CNNJAX_CPU_ONEDNN=off` turns oneDNN's calls off.
+# - "native": where oneDNN's call is off or unavailable, the same layers take the gather kernel
+#   where their channels fit it, else XLA's forward pass and input gradient, and the native weight
+#   gradient.
+#
+# Gather kernel (`cpu_kernels.conv`, `cpu_kernels.input_gradient`, cnnjax/cpu_kernels.cc): the
+# forward pass of a layer with 16, 32 or 64 input channels and a multiple of a vector register's
+# floats of output channels (16 with AVX-512), and the input gradient where the same holds with
+# the channel counts swapped, at any stride and padding. jaxlib's oneDNN calls run PyTorch's
+# kernel at its speed on one core but lose 5% to 50% on two inside a train step (XLA's oneDNN
+# thread pool splits a call into exactly as many tasks as it has threads and blocks the caller);
+# the gather kernel's chunks go to whichever thread is free, and its 3-wide kernel rows share each
+# input read across three taps. A strided layer's input gradient is one call, each input pixel
+# summing only the taps that reach it. resnet20's train step 1.068x faster than with oneDNN's calls
+# (benchmarks/RESULTS.md); with 128 and more channels oneDNN's blocking is faster, so those keep
+# it. Programs without oneDNN's call enter the persistent compilation cache.
 #
 # Native weight gradient: the float32 layers of the forms taps, narrow, onednn and native (one
 # group, no dilation, non-negative padding, a multiple of 8 filters) take dL/dw from
@@ -72,9 +85,10 @@ Array = jax.Array
 # shortcut, so its gradient is the sum of the two, which XLA adds in a pass of its own (`wrapped_add`:
 # 0.5 ms per block of resnet20's first stage at batch 128, reading two gradients and writing a
 # third). Through `layers.conv_and_input` the block's first convolution hands its input on as the
-# shortcut (`conv_passing_input`); in the "onednn" form at stride 1 its VJP then receives the
-# shortcut's gradient too and adds it in the input gradient's oneDNN call (a binary-add post-op,
-# `onednn.conv(addend=)`), as the kernel writes each output. resnet20's train step 1.007x to 1.021x
+# shortcut (`conv_passing_input`); in the "onednn" and "native" forms its VJP then receives the
+# shortcut's gradient too and adds it as the input gradient's kernel writes each output: the
+# gather kernel's (any stride), else oneDNN's at stride 1 (a binary-add post-op,
+# `onednn.conv(addend=)`). With oneDNN's call resnet20's train step 1.007x to 1.021x
 # (benchmarks/RESULTS.md); elsewhere the convolution and its input as they are.
 #
 # Before picking a form, a kernel whose outer taps meet only padding, on every output, is cropped to
@@ -322,8 +336,8 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
                             preferred_element_type=preferred_element_type)
     rewritten = _form_function(form, conv, dot, strides, padding)
 
-    stored = form in STORED_INPUT_FORMS or (
-        form == "onednn" and not _native_weight_gradient(lhs, rhs, strides, padding))
+    stored = (form in STORED_INPUT_FORMS or form == "onednn") and not _reads_in_place(
+        form, lhs, rhs, strides, padding)
 
     def cpu(x: Array, w: Array) -> Array:
         if stored:
@@ -331,6 +345,18 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
         return rewritten(x, w)
 
     return lax.platform_dependent(lhs, rhs, cpu=cpu, default=conv)
+
+
+def _reads_in_place(form: str | None, x: Array, w: Array, strides: tuple[int, int],
+                    padding: Any) -> bool:
+    """Whether every pass of a layer of this form is a custom call, which reads x where it lies
+    (so nothing gains from a stored input): "onednn" with the native weight gradient, and "native"
+    where the gather kernel also takes the forward pass and the input gradient."""
+    if not _native_weight_gradient(x, w, strides, padding):
+        return False
+    c_in, c_out = x.shape[3], w.shape[3]
+    return form == "onednn" or (
+        form == "native" and _gather_fits(c_in, c_out) and _gather_fits(c_out, c_in))
 
 
 def _cpu_form(lhs: Array, rhs: Array, strides: tuple[int, int], padding: Any, lhs_dilation: Any,
@@ -370,26 +396,29 @@ def conv_passing_input(lhs: Array, rhs: Array, window_strides: Sequence[int], pa
     def plain(x: Array, w: Array) -> tuple[Array, Array]:
         return conv_general_dilated(x, w, **args), x
 
-    if (not cpu_rewrites_enabled() or strides != (1, 1)
+    if (not cpu_rewrites_enabled()
             or not _undilated_nhwc(lhs, dimension_numbers, lhs_dilation, rhs_dilation)
             or live_taps(lhs.shape, rhs.shape, strides, padding) is not None
-            or _cpu_form(lhs, rhs, strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                         feature_group_count, preferred_element_type) != "onednn"
-            or not _native_weight_gradient(lhs, rhs, strides, padding)
-            or not onednn.addend_available()):
+            or not _native_weight_gradient(lhs, rhs, strides, padding)):
         return plain(lhs, rhs)
+    form = _cpu_form(lhs, rhs, strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                     feature_group_count, preferred_element_type)
     pads = pad_pairs(lhs.shape[1:3], rhs.shape[:2], strides, padding)
-    if not onednn.pads_below_kernel(rhs.shape[:2], pads):
+    gather = form in ("onednn", "native") and _gather_fits(rhs.shape[3], lhs.shape[3])
+    onednn_add = (form == "onednn" and strides == (1, 1) and onednn.addend_available()
+                  and onednn.pads_below_kernel(rhs.shape[:2], pads))
+    if not (gather or onednn_add):
         return plain(lhs, rhs)
+    conv = functools.partial(lax.conv_general_dilated, **args)
 
     @jax.custom_vjp
     def fused(x: Array, w: Array) -> tuple[Array, Array]:
-        return onednn.conv(x, w, strides, pads), x
+        return _forward(conv, form, x, w, strides, padding), x
 
     def fused_backward(residuals: tuple[Array, Array], cotangents: tuple[Array, Array]
                        ) -> tuple[Array, Array]:
         (x, w), (g, x_through_grad) = residuals, cotangents
-        return (onednn.input_gradient(g, w, pads, x_through_grad),
+        return (_input_gradient(conv, form, x, w, g, strides, padding, x_through_grad),
                 cpu_kernels.weight_gradient(x, g, w.shape[:2], strides, pads))
 
     fused.defvjp(lambda x, w: (fused(x, w), (x, w)), fused_backward)
@@ -426,25 +455,52 @@ def _form_function(form: str | None, conv: Callable[[Array, Array], Array], dot:
         return _with_backward(conv, narrow_backward)
     if form == "depthwise":
         return lambda x, w: depthwise_conv(x, w, strides, padding)
-    if form == "onednn":
-        def onednn_backward(x: Array, w: Array, g: Array) -> tuple[Array, Array]:
-            pads = pad_pairs(x.shape[1:3], w.shape[:2], strides, padding)
-            if strides != (1, 1):  # one stride-1 call per phase of the input
-                x_grad = onednn.strided_input_gradient(g, w, x.shape, strides, pads)
-            elif onednn.pads_below_kernel(w.shape[:2], pads):
-                x_grad = onednn.input_gradient(g, w, pads)
-            else:
-                x_grad = jax.vjp(lambda x: conv(x, w), x)[1](g)[0]
-            return x_grad, _weight_gradient(conv, x, w, g, strides, padding)
+    if form in ("onednn", "native"):
+        def custom_backward(x: Array, w: Array, g: Array) -> tuple[Array, Array]:
+            return (_input_gradient(conv, form, x, w, g, strides, padding),
+                    _weight_gradient(conv, x, w, g, strides, padding))
 
-        def onednn_forward(x: Array, w: Array) -> Array:
-            return onednn.conv(x, w, strides, pad_pairs(x.shape[1:3], w.shape[:2], strides, padding))
-
-        return _with_backward(onednn_forward, onednn_backward)
-    if form == "native":
-        return _with_backward(conv, lambda x, w, g: (jax.vjp(lambda x: conv(x, w), x)[1](g)[0],
-                                                     _weight_gradient(conv, x, w, g, strides, padding)))
+        return _with_backward(lambda x, w: _forward(conv, form, x, w, strides, padding),
+                              custom_backward)
     return conv
+
+
+def _gather_fits(c_in: int, c_out: int) -> bool:
+    """Whether cnnjax's own convolution loops take a pass of c_in -> c_out channels ("gather
+    kernel" above): the kernels on and built, the channels fitting `cpu_kernels.conv_fits`."""
+    return cpu_kernels.enabled() and cpu_kernels.available() and cpu_kernels.conv_fits(c_in, c_out)
+
+
+def _forward(conv: Callable[[Array, Array], Array], form: str, x: Array, w: Array,
+             strides: tuple[int, int], padding: Any) -> Array:
+    """The forward pass of the "onednn" or "native" form (float32, one group, no dilation,
+    non-negative padding): cnnjax's gather kernel where the channels fit it, else oneDNN's call
+    ("onednn"), else `conv` ("native")."""
+    pads = pad_pairs(x.shape[1:3], w.shape[:2], strides, padding)
+    if _gather_fits(x.shape[3], w.shape[3]):
+        return cpu_kernels.conv(x, w, strides, pads)
+    return onednn.conv(x, w, strides, pads) if form == "onednn" else conv(x, w)
+
+
+def _input_gradient(conv: Callable[[Array, Array], Array], form: str, x: Array, w: Array,
+                    g: Array, strides: tuple[int, int], padding: Any,
+                    addend: Array | None = None) -> Array:
+    """dL/dx of the "onednn" or "native" form from its output gradient g, plus `addend` where
+    given: cnnjax's gather kernel where the channels fit it (one call at any stride); else
+    oneDNN's calls ("onednn": at a stride, one stride-1 call per phase of the input; at stride 1
+    with a pad as large as the kernel, XLA's); else XLA's."""
+    pads = pad_pairs(x.shape[1:3], w.shape[:2], strides, padding)
+    if _gather_fits(w.shape[3], x.shape[3]):
+        return cpu_kernels.input_gradient(g, w, x.shape, strides, pads, addend)
+    if form == "onednn" and strides != (1, 1):
+        x_grad = onednn.strided_input_gradient(g, w, x.shape, strides, pads)
+    elif form == "onednn" and onednn.pads_below_kernel(w.shape[:2], pads):
+        if addend is not None and onednn.addend_available():
+            return onednn.input_gradient(g, w, pads, addend)
+        x_grad = onednn.input_gradient(g, w, pads)
+    else:
+        x_grad = jax.vjp(lambda x: conv(x, w), x)[1](g)[0]
+    return x_grad if addend is None else x_grad + addend
 
 
 def _weight_gradient(conv: Callable[[Array, Array], Array], x: Array, w: Array, g: Array,

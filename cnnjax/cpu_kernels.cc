@@ -25,8 +25,12 @@
 // vector extension, which the compiler maps to AVX or AVX-512 registers, or to pairs of narrower
 // registers elsewhere.
 //
+// CnnjaxConvForward, CnnjaxConvInputGradient: the forward pass and input gradient of the same
+// convolutions, as one gather loop over a list of taps (after the weight gradient below;
+// cnnjax/cpu_conv.py says when they run).
+//
 // CnnjaxNormActForward, CnnjaxNormActBackward: a training-mode batch norm, plus a residual, then
-// ReLU, and its gradient (after the weight gradient below; cnnjax/batchnorm.py says when they run).
+// ReLU, and its gradient (after those; cnnjax/batchnorm.py says when they run).
 
 #include <algorithm>
 #include <atomic>
@@ -49,9 +53,11 @@ namespace {
 typedef float v8 __attribute__((vector_size(32)));
 #if defined(__AVX512F__)
 typedef float vw __attribute__((vector_size(64)));
+constexpr int kRegisters = 32;
 constexpr int kAccumulators = 24;
 #else
 typedef v8 vw;
+constexpr int kRegisters = 16;
 constexpr int kAccumulators = 12;
 #endif
 constexpr int kMaxChannelBlock = 16;
@@ -325,6 +331,400 @@ ffi::Error WeightGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   return ffi::Error::Success();
 }
 
+// --- forward convolution and input gradient ------------------------------------------------------
+//
+// CnnjaxConvForward: y = conv(x, w) (+ addend), NHWC x HWIO, explicit non-negative padding, any
+// stride. CnnjaxConvInputGradient: dL/dx of that convolution from g = dL/dy (+ addend).
+//
+// Both are one loop, `GatherTile`: a tile of P output pixels of one row x V vectors of output
+// channels held in vector registers, summed over a list of taps, each tap an input pixel offset
+// and a [C_in, C_out] weight matrix, over the input channels. The forward pass's taps for output
+// row oh are the kernel rows i whose input row oh * sh + i - pt lies in the image, times every
+// kernel column; its pixels are read sw apart. The input gradient's taps for input row ih are the
+// kernel taps (i, j) with oh * sh + i - pt = ih for an output row oh of g, one column phase
+// b < sw of the row at a time (the input columns b, b + sw, ...: the kernel columns j with
+// (b + pl - j) % sw == 0), against the kernel's transpose [kh, kw, C_out, C_in]; a strided layer's
+// input gradient so does no work on the zeros a dilated output gradient would hold. Rows beyond
+// the image are skipped taps; columns beyond it read zeros from a per-worker copy of the rows
+// with zero columns either side (a tile reads P neighbouring pixels at every tap).
+//
+// Why cnnjax's own: jaxlib's oneDNN calls run the same JIT kernel as PyTorch's at the same speed
+// on one core, but on two they lose 5% (64 channels) to 50% (16 channels) in a train step
+// (benchmarks/RESULTS.md): XLA's oneDNN thread pool splits each call into exactly as many tasks
+// as it has threads and blocks the caller, so one pool thread waking late stretches the call.
+// Here (as in the weight gradient) the calling thread starts on the chunks at once and the pool's
+// threads take what is left from an atomic counter. Where a kernel row is 3 wide at stride 1 (in
+// the gather's terms: three taps on neighbouring input pixels), `GatherTriples` reads each input
+// once for the three taps. resnet20's layers at batch 128 on two cores (2026-12-07,
+// benchmarks/RESULTS.md): forward and input gradient 2.4 to 2.7 ms at 16 channels against
+// oneDNN's 3.5 to 4.4 and PyTorch's 2.4 to 2.6; the stride-2 input gradient 1.3 to 1.6 against
+// 2.7 to 4.1 and 1.7 to 2.2. With 16, 32 or 64 input channels the loops are compiled for that
+// count; any other count takes a generic loop (correct, and slower than oneDNN: cnnjax/cpu_conv.py
+// sends only the three counts here).
+
+// The input pixels, taps and output pixels of one output row (or column phase of one).
+struct Tap {
+  int64_t offset;   // floats from the row's input base to the first pixel this tap reads
+  const float* w;   // [ci, co] weights of the tap
+};
+
+struct RowJob {
+  const float* in;  // input base of the row
+  float* out;       // the row's first output pixel
+  const float* add; // the addend at out's positions, or null
+  const Tap* taps;
+  int64_t ntaps, ci, co, in_step, out_step, pixels;
+};
+
+// Output pixels [p0, p0 + P) x channels [o0, o0 + V * lanes) of a row, summed over its taps. CI
+// and S fix the input channels and the input pixel step (CI * S) where they are not 0, so the P
+// input reads of a channel are one pointer plus constant offsets.
+template <int P, int V, int CI, int S>
+void GatherTile(const RowJob& r, int64_t p0, int64_t o0) {
+  constexpr int L = sizeof(vw) / sizeof(float);
+  const int64_t ci = CI ? CI : r.ci;
+  const int64_t step = CI ? CI * S : r.in_step;
+  vw acc[P][V];
+  for (int p = 0; p < P; ++p)
+    for (int v = 0; v < V; ++v) acc[p][v] = vw{};
+  for (int64_t t = 0; t < r.ntaps; ++t) {
+    const float* xr = r.in + r.taps[t].offset + p0 * step;
+    const float* wr = r.taps[t].w + o0;
+    for (int64_t c = 0; c < ci; ++c) {
+      vw wv[V];
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) wv[v] = Load<vw>(wr + c * r.co + L * v);
+#pragma GCC unroll 32
+      for (int p = 0; p < P; ++p) {
+        const float xv = xr[p * step + c];
+#pragma GCC unroll 8
+        for (int v = 0; v < V; ++v) acc[p][v] += xv * wv[v];
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    const int64_t at = (p0 + p) * r.out_step + o0;
+    for (int v = 0; v < V; ++v) {
+      vw value = acc[p][v];
+      if (r.add) value += Load<vw>(r.add + at + L * v);
+      Store(r.out + at + L * v, value);
+    }
+  }
+}
+
+// Where the taps come in triples of neighbouring input pixels (a 3-wide kernel row at stride 1),
+// each input read serves three outputs: per input channel, 3 * V weight vectors and P + 2 input
+// reads for 3 * P * V multiply-adds, where GatherTile reads P inputs for P * V. With one vector of
+// output channels (16 with AVX-512) GatherTile reads as many inputs as it multiplies.
+constexpr int kTriple = 3;
+
+// Pixels per triple tile: the registers left after 3 * V weight vectors and the input read.
+template <int V>
+constexpr int TriplePixels() { return (kRegisters - 1 - kTriple * V) / V; }
+
+template <int P, int V, int CI>
+void GatherTriples(const RowJob& r, int64_t p0, int64_t o0) {
+  constexpr int L = sizeof(vw) / sizeof(float);
+  vw acc[P][V];
+  for (int p = 0; p < P; ++p)
+    for (int v = 0; v < V; ++v) acc[p][v] = vw{};
+  for (int64_t t = 0; t < r.ntaps; t += kTriple) {
+    const float* xr = r.in + r.taps[t].offset + p0 * CI;
+    const float* wr[kTriple];
+    for (int d = 0; d < kTriple; ++d) wr[d] = r.taps[t + d].w + o0;
+    for (int64_t c = 0; c < CI; ++c) {
+      vw wv[kTriple][V];
+#pragma GCC unroll 3
+      for (int d = 0; d < kTriple; ++d)
+#pragma GCC unroll 8
+        for (int v = 0; v < V; ++v) wv[d][v] = Load<vw>(wr[d] + c * r.co + L * v);
+#pragma GCC unroll 40
+      for (int q = 0; q < P + kTriple - 1; ++q) {
+        const float xv = xr[q * CI + c];
+#pragma GCC unroll 3
+        for (int d = 0; d < kTriple; ++d) {
+          const int p = q - d;
+          if (p < 0 || p >= P) continue;
+#pragma GCC unroll 8
+          for (int v = 0; v < V; ++v) acc[p][v] += xv * wv[d][v];
+        }
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    const int64_t at = (p0 + p) * r.out_step + o0;
+    for (int v = 0; v < V; ++v) {
+      vw value = acc[p][v];
+      if (r.add) value += Load<vw>(r.add + at + L * v);
+      Store(r.out + at + L * v, value);
+    }
+  }
+}
+
+template <int V, int CI, int P>
+void GatherTriplesOf(int64_t p, const RowJob& r, int64_t p0, int64_t o0) {
+  if constexpr (P > 1) {
+    if (p < P) return GatherTriplesOf<V, CI, P - 1>(p, r, p0, o0);
+  }
+  GatherTriples<P, V, CI>(r, p0, o0);
+}
+
+template <int V, int CI>
+void GatherTriplesRow(const RowJob& r) {
+  constexpr int L = sizeof(vw) / sizeof(float);
+  constexpr int PM = TriplePixels<V>();
+  const int64_t tiles = CeilDiv(r.pixels, PM);
+  for (int64_t o0 = 0; o0 < r.co; o0 += V * L) {
+    for (int64_t t = 0, p0 = 0; t < tiles; ++t) {
+      const int64_t p = (r.pixels - p0) / (tiles - t);
+      GatherTriplesOf<V, CI, PM>(p, r, p0, o0);
+      p0 += p;
+    }
+  }
+}
+
+// Whether every tap is in a triple of neighbouring input pixels, in order.
+bool Triples(const RowJob& r) {
+  if (r.in_step != r.ci || r.ntaps % kTriple != 0) return false;
+  for (int64_t t = 0; t < r.ntaps; t += kTriple)
+    for (int d = 1; d < kTriple; ++d)
+      if (r.taps[t + d].offset != r.taps[t].offset + d * r.ci) return false;
+  return true;
+}
+
+// GatherTile<p, V, CI, S> for a runtime p in [1, P].
+template <int V, int CI, int S, int P>
+void GatherTileOf(int64_t p, const RowJob& r, int64_t p0, int64_t o0) {
+  if constexpr (P > 1) {
+    if (p < P) return GatherTileOf<V, CI, S, P - 1>(p, r, p0, o0);
+  }
+  GatherTile<P, V, CI, S>(r, p0, o0);
+}
+
+// The whole row: near-equal tiles of at most kAccumulators / V pixels, for each block of V
+// vectors of output channels.
+template <int V, int CI, int S>
+void GatherRowOf(const RowJob& r) {
+  constexpr int L = sizeof(vw) / sizeof(float);
+  constexpr int PM = kAccumulators / V;
+  const int64_t tiles = CeilDiv(r.pixels, PM);
+  for (int64_t o0 = 0; o0 < r.co; o0 += V * L) {
+    for (int64_t t = 0, p0 = 0; t < tiles; ++t) {
+      const int64_t p = (r.pixels - p0) / (tiles - t);
+      GatherTileOf<V, CI, S, PM>(p, r, p0, o0);
+      p0 += p;
+    }
+  }
+}
+
+template <int V>
+void GatherRowV(const RowJob& r) {
+  if (Triples(r)) {
+    if (r.ci == 16) return GatherTriplesRow<V, 16>(r);
+    if (r.ci == 32) return GatherTriplesRow<V, 32>(r);
+    if (r.ci == 64) return GatherTriplesRow<V, 64>(r);
+  }
+  if (r.in_step == r.ci) {
+    if (r.ci == 16) return GatherRowOf<V, 16, 1>(r);
+    if (r.ci == 32) return GatherRowOf<V, 32, 1>(r);
+    if (r.ci == 64) return GatherRowOf<V, 64, 1>(r);
+  } else if (r.in_step == 2 * r.ci) {
+    if (r.ci == 16) return GatherRowOf<V, 16, 2>(r);
+    if (r.ci == 32) return GatherRowOf<V, 32, 2>(r);
+    if (r.ci == 64) return GatherRowOf<V, 64, 2>(r);
+  }
+  GatherRowOf<V, 0, 1>(r);
+}
+
+// One output row; zeros (or the addend) where no tap reaches it. co is a multiple of lanes of vw:
+// two vectors at a time where it is a multiple of two (a [ci, 2 * lanes] weight slice per tap
+// stays in cache across a row), else one.
+void GatherRow(const RowJob& r) {
+  constexpr int L = sizeof(vw) / sizeof(float);
+  if (r.ntaps == 0) {
+    for (int64_t p = 0; p < r.pixels; ++p)
+      for (int64_t o = 0; o < r.co; ++o)
+        r.out[p * r.out_step + o] = r.add ? r.add[p * r.out_step + o] : 0.f;
+    return;
+  }
+  if (r.co % (2 * L) == 0) return GatherRowV<2>(r);
+  GatherRowV<1>(r);
+}
+
+// Per-worker copies of image rows with `left` and `right` zero columns: rows [0, rows), `width`
+// pixels of `c` channels each. The zero columns are written once; a chunk copies in the rows it
+// reads.
+struct PaddedRows {
+  int64_t rows, width, c, left, right;
+  std::vector<std::vector<float>> buffers;
+
+  PaddedRows(int64_t threads, int64_t rows, int64_t width, int64_t c, int64_t left, int64_t right)
+      : rows(rows), width(width), c(c), left(left), right(right),
+        buffers(left || right ? threads : 0,
+                std::vector<float>(rows * Stride(width, left, right, c), 0.f)) {}
+
+  static int64_t Stride(int64_t width, int64_t left, int64_t right, int64_t c) {
+    return (left + width + right) * c;
+  }
+  int64_t stride() const { return Stride(width, left, right, c); }
+
+  // Rows [r0, r1) of image `image` of src ([.., rows, width, c]) into worker's buffer; returns the
+  // buffer's base (pixel 0 of row 0, the first zero column at -left).
+  const float* Fill(int worker, const float* src, int64_t image, int64_t r0, int64_t r1) {
+    if (left == 0 && right == 0) return src + image * rows * width * c;  // nothing to pad
+    float* b = buffers[worker].data();
+    for (int64_t r = r0; r < r1; ++r)
+      std::memcpy(b + r * stride() + left * c, src + ((image * rows + r) * width) * c,
+                  width * c * sizeof(float));
+    return b + left * c;
+  }
+};
+
+// Chunks of (image, band of output rows): one image each where there are images enough for 4
+// chunks a thread, else bands of rows.
+struct Bands {
+  int64_t n, rows, bands, band;
+  Bands(int64_t n, int64_t rows, int64_t threads) : n(n), rows(rows) {
+    bands = std::min<int64_t>(rows, CeilDiv(4 * threads, n));
+    band = CeilDiv(rows, bands);
+    bands = CeilDiv(rows, band);
+  }
+  int64_t chunks() const { return n * bands; }
+  void Of(int64_t chunk, int64_t* image, int64_t* r0, int64_t* r1) const {
+    *image = chunk / bands;
+    *r0 = chunk % bands * band;
+    *r1 = std::min(rows, *r0 + band);
+  }
+};
+
+ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                       ffi::RemainingArgs rest, ffi::ResultBuffer<ffi::F32> y, int64_t sh,
+                       int64_t sw, int64_t pt, int64_t pl) {
+  constexpr int64_t L = sizeof(vw) / sizeof(float);
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  const float* add = nullptr;
+  if (rest.size() == 1) {
+    auto a = rest.get<ffi::Buffer<ffi::F32>>(0);
+    if (!a.has_value() || a->element_count() != y->element_count())
+      return ffi::Error::InvalidArgument("cnnjax conv: the addend must match the output");
+    add = a->typed_data();
+  }
+  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4 || xd[0] != yd[0] || xd[3] != wd[2] ||
+      wd[3] != yd[3] || yd[3] % L != 0 || sh < 1 || sw < 1 || pt < 0 || pl < 0 || rest.size() > 1)
+    return ffi::Error::InvalidArgument(
+        "cnnjax conv: expects x [N,H,W,Ci], w [kh,kw,Ci,Co], y [N,Ho,Wo,Co] with Co a multiple of "
+        "the vector width, strides >= 1, pads >= 0, at most an addend");
+  const int64_t n = xd[0], h = xd[1], wi = xd[2], ci = xd[3], kh = wd[0], kw = wd[1], co = wd[3];
+  const int64_t ho = yd[1], wo = yd[2];
+  const int64_t right = std::max<int64_t>(0, (wo - 1) * sw + kw - pl - wi);
+  const Bands bands(n, ho, pool.num_threads());
+  const int64_t threads = Threads(pool, bands.chunks());
+  PaddedRows padded(threads, h, wi, ci, pl, right);
+  const float *xs = x.typed_data(), *ws = w.typed_data();
+  float* ys = y->typed_data();
+  // Each output row's taps (the same in every image): kernel rows inside the image, left to right.
+  std::vector<std::vector<Tap>> taps(ho);
+  for (int64_t oh = 0; oh < ho; ++oh)
+    for (int64_t i = 0; i < kh; ++i) {
+      const int64_t ih = oh * sh + i - pt;
+      if (ih < 0 || ih >= h) continue;
+      for (int64_t j = 0; j < kw; ++j)
+        taps[oh].push_back({ih * padded.stride() + (j - pl) * ci, ws + (i * kw + j) * ci * co});
+    }
+  ParallelFor(pool, threads, bands.chunks(), [&](int worker, int64_t chunk) {
+    int64_t image, r0, r1;
+    bands.Of(chunk, &image, &r0, &r1);
+    const float* base = padded.Fill(worker, xs, image, std::max<int64_t>(0, r0 * sh - pt),
+                                    std::min(h, (r1 - 1) * sh - pt + kh));
+    for (int64_t oh = r0; oh < r1; ++oh) {
+      const int64_t at = ((image * ho + oh) * wo) * co;
+      GatherRow({base, ys + at, add ? add + at : nullptr, taps[oh].data(),
+                 static_cast<int64_t>(taps[oh].size()), ci, co, sw * ci, co, wo});
+    }
+  });
+  return ffi::Error::Success();
+}
+
+int64_t FloorDiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+ffi::Error ConvInputGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
+                             ffi::Buffer<ffi::F32> w, ffi::RemainingArgs rest,
+                             ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt,
+                             int64_t pl) {
+  constexpr int64_t L = sizeof(vw) / sizeof(float);
+  auto gd = g.dimensions(), wd = w.dimensions(), xd = dx->dimensions();
+  const float* add = nullptr;
+  if (rest.size() == 1) {
+    auto a = rest.get<ffi::Buffer<ffi::F32>>(0);
+    if (!a.has_value() || a->element_count() != dx->element_count())
+      return ffi::Error::InvalidArgument("cnnjax conv input gradient: the addend must match dx");
+    add = a->typed_data();
+  }
+  if (gd.size() != 4 || wd.size() != 4 || xd.size() != 4 || gd[0] != xd[0] || xd[3] != wd[2] ||
+      wd[3] != gd[3] || xd[3] % L != 0 || sh < 1 || sw < 1 || pt < 0 || pl < 0 || rest.size() > 1)
+    return ffi::Error::InvalidArgument(
+        "cnnjax conv input gradient: expects g [N,Ho,Wo,Co], w [kh,kw,Ci,Co], dx [N,H,W,Ci] with "
+        "Ci a multiple of the vector width, strides >= 1, pads >= 0, at most an addend");
+  const int64_t n = xd[0], h = xd[1], wi = xd[2], ci = xd[3], kh = wd[0], kw = wd[1], co = wd[3];
+  const int64_t ho = gd[1], wo = gd[2];
+  // The kernel's transpose [kh, kw, co, ci]: the gather's weights.
+  // (64-byte aligned, as XLA's buffers are: a vector load then reads one cache line.)
+  std::vector<float> wt_buffer(kh * kw * co * ci + 16);
+  float* wt = wt_buffer.data() + (16 - reinterpret_cast<uintptr_t>(wt_buffer.data()) / 4 % 16) % 16;
+  const float* ws = w.typed_data();
+  for (int64_t t = 0; t < kh * kw; ++t)
+    for (int64_t c = 0; c < ci; ++c)
+      for (int64_t o = 0; o < co; ++o) wt[(t * co + o) * ci + c] = ws[(t * ci + c) * co + o];
+  // Input column b + sw * v reads g column v + (b + pl - j) / sw: the zero columns either side.
+  int64_t left = 0, right = 0;
+  for (int64_t b = 0; b < std::min(sw, wi); ++b) {
+    const int64_t last = (wi - 1 - b) / sw;
+    for (int64_t j = 0; j < kw; ++j) {
+      if (((b + pl - j) % sw + sw) % sw != 0) continue;
+      const int64_t d = FloorDiv(b + pl - j, sw);
+      left = std::max(left, -d);
+      right = std::max(right, last + d - (wo - 1));
+    }
+  }
+  const Bands bands(n, h, pool.num_threads());
+  const int64_t threads = Threads(pool, bands.chunks());
+  PaddedRows padded(threads, ho, wo, co, left, right);
+  const float* gs = g.typed_data();
+  float* out = dx->typed_data();
+  // The taps of each input row's column phase b (the same in every image): g's pixels left to
+  // right.
+  const int64_t phases = std::min(sw, wi);
+  std::vector<std::vector<Tap>> taps(h * phases);
+  for (int64_t ih = 0; ih < h; ++ih)
+    for (int64_t b = 0; b < phases; ++b)
+      for (int64_t i = 0; i < kh; ++i) {
+        const int64_t a = ih + pt - i;
+        if (a < 0 || a % sh != 0 || a / sh >= ho) continue;
+        for (int64_t j = kw - 1; j >= 0; --j) {
+          const int64_t e = b + pl - j;
+          if ((e % sw + sw) % sw != 0) continue;
+          taps[ih * phases + b].push_back(
+              {(a / sh) * padded.stride() + FloorDiv(e, sw) * co, wt + (i * kw + j) * co * ci});
+        }
+      }
+  ParallelFor(pool, threads, bands.chunks(), [&](int worker, int64_t chunk) {
+    int64_t image, r0, r1;
+    bands.Of(chunk, &image, &r0, &r1);
+    // Input row ih reads g rows (ih + pt - i) / sh for i < kh.
+    const float* base = padded.Fill(
+        worker, gs, image, std::max<int64_t>(0, CeilDiv(r0 + pt - (kh - 1), sh)),
+        std::min(ho, FloorDiv(r1 - 1 + pt, sh) + 1));
+    for (int64_t ih = r0; ih < r1; ++ih)
+      for (int64_t b = 0; b < phases; ++b) {
+        const std::vector<Tap>& row = taps[ih * phases + b];
+        const int64_t at = ((image * h + ih) * wi + b) * ci;
+        GatherRow({base, out + at, add ? add + at : nullptr, row.data(),
+                   static_cast<int64_t>(row.size()), co, ci, co, sw * ci, (wi - 1 - b) / sw + 1});
+      }
+  });
+  return ffi::Error::Success();
+}
+
 // --- batch norm, residual add and ReLU in training mode ------------------------------------------
 //
 // x [rows, C] is an NHWC activation with its batch and spatial axes merged. Each kernel makes two
@@ -587,3 +987,31 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxNormActBackward, NormActBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dL/dbias
                                   .RemainingRets()               // dL/dresidual, if stored
                                   .Attr<bool>("relu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxConvForward, ConvForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
+                                  .RemainingArgs()               // addend, if any
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxConvInputGradient, ConvInputGradient,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // g
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
+                                  .RemainingArgs()               // addend, if any
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dx
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl"));
+
+// The floats in one vector of this build (16 with AVX-512, else 8): the forward convolution's
+// output channels and the input gradient's input channels must be a multiple of it.
+extern "C" int CnnjaxVectorFloats() { return sizeof(vw) / sizeof(float); }

@@ -2,8 +2,10 @@
 
 The weight gradient of a convolution, where XLA:CPU's generic kernel is 2x to 3x slower than
 oneDNN's backward-weights kernel in PyTorch, and jaxlib's oneDNN call (cnnjax/onednn.py) runs
-forward kernels only; and a training-mode batch norm with the residual add and ReLU after it,
-forward and backward (`norm_act`, which cnnjax/batchnorm.py explains). The C++ file is compiled
+forward kernels only; the forward pass and input gradient of convolutions on 16 to 64 channels
+(`conv`, `input_gradient`: the "gather kernel", faster than jaxlib's oneDNN calls on two cores,
+cnnjax/cpu_conv.py says when it runs); and a training-mode batch norm with the residual add and
+ReLU after it, forward and backward (`norm_act`, which cnnjax/batchnorm.py explains). The C++ file is compiled
 once per machine with the system's C++ compiler (`$CXX`, else `c++`) and `-O3 -march=native`,
 into a cache keyed by the source, the compiler, jaxlib and the CPU ($CNNJAX_NATIVE_CACHE, else
 $XDG_CACHE_HOME/cnnjax/native, else ~/.cache/cnnjax/native), and registered as XLA FFI targets.
@@ -39,6 +41,8 @@ ENV = "CNNJAX_CPU_NATIVE"
 CACHE_ENV = "CNNJAX_NATIVE_CACHE"
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 WEIGHT_GRADIENT = "cnnjax_conv_weight_gradient"
+CONV = "cnnjax_conv"
+INPUT_GRADIENT = "cnnjax_conv_input_gradient"
 NORM_ACT = "cnnjax_norm_act"
 NORM_ACT_BACKWARD = "cnnjax_norm_act_backward"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -96,14 +100,22 @@ def build(compiler: str | None = None) -> Path:
 
 
 @functools.cache
-def _register() -> None:
+def _register() -> int:
     import ctypes
 
     library = ctypes.cdll.LoadLibrary(str(build()))
     for name, symbol in ((WEIGHT_GRADIENT, library.CnnjaxConvWeightGradient),
+                         (CONV, library.CnnjaxConvForward),
+                         (INPUT_GRADIENT, library.CnnjaxConvInputGradient),
                          (NORM_ACT, library.CnnjaxNormActForward),
                          (NORM_ACT_BACKWARD, library.CnnjaxNormActBackward)):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
+    return int(library.CnnjaxVectorFloats())
+
+
+def vector_floats() -> int:
+    """Floats per vector register in the build (16 with AVX-512, else 8)."""
+    return _register()
 
 
 def weight_gradient(x: Array, g: Array, kernel: Sequence[int], strides: Sequence[int],
@@ -116,6 +128,49 @@ def weight_gradient(x: Array, g: Array, kernel: Sequence[int], strides: Sequence
     call = jax.ffi.ffi_call(WEIGHT_GRADIENT,
                             jax.ShapeDtypeStruct((kh, kw, x.shape[3], g.shape[3]), jnp.float32))
     return call(x, g, sh=np.int64(sh), sw=np.int64(sw), pt=np.int64(pt), pl=np.int64(pl))
+
+
+# The input channel counts (of the forward pass; of the input gradient: the output channels) for
+# which `conv` and `input_gradient` have loops of their own, and run as fast as oneDNN's kernel or
+# faster (benchmarks/RESULTS.md); with more channels oneDNN's blocking wins (128 channels: 1.15x
+# to 2x faster), with fewer its kernel for them (an RGB stem: 0.86 against 0.96 ms).
+GATHER_CHANNELS = (16, 32, 64)
+
+
+def conv_fits(c_in: int, c_out: int) -> bool:
+    """Whether `conv` runs a layer of c_in -> c_out channels in its own loops (GATHER_CHANNELS in,
+    a multiple of the vector width out), so faster than oneDNN's call; `input_gradient` of that
+    layer fits where `conv_fits(c_out, c_in)`. `available()` first."""
+    return c_in in GATHER_CHANNELS and c_out % vector_floats() == 0
+
+
+def _pads_and_strides(strides: Sequence[int], padding: Sequence[tuple[int, int]]) -> dict:
+    (sh, sw), ((pt, _), (pl, _)) = strides, padding
+    return dict(sh=np.int64(sh), sw=np.int64(sw), pt=np.int64(pt), pl=np.int64(pl))
+
+
+def conv(x: Array, w: Array, strides: Sequence[int], padding: Sequence[tuple[int, int]],
+         addend: Array | None = None) -> Array:
+    """The NHWC convolution of float32 x with w [kh, kw, C_in, C_out] (one group, no dilation),
+    explicit non-negative `padding`, plus `addend` (the output's shape) where given, added as each
+    output is written; C_out a multiple of `vector_floats()`. CPU only; `available()` first."""
+    _register()
+    (kh, kw), (sh, sw), ((pt, pb), (pl, pr)) = w.shape[:2], strides, padding
+    n, h, wd, _ = x.shape
+    shape = (n, (h + pt + pb - kh) // sh + 1, (wd + pl + pr - kw) // sw + 1, w.shape[3])
+    call = jax.ffi.ffi_call(CONV, jax.ShapeDtypeStruct(shape, jnp.float32))
+    return call(x, w, *([] if addend is None else [addend]), **_pads_and_strides(strides, padding))
+
+
+def input_gradient(g: Array, w: Array, x_shape: Sequence[int], strides: Sequence[int],
+                   padding: Sequence[tuple[int, int]], addend: Array | None = None) -> Array:
+    """dL/dx (x_shape) of `conv(x, w, strides, padding)` from its output gradient g, plus `addend`
+    (x's shape) where given, in the same loop; x's channels a multiple of `vector_floats()`. One
+    call at any stride: each input pixel sums only the taps that reach it. CPU only; `available()`
+    first."""
+    _register()
+    call = jax.ffi.ffi_call(INPUT_GRADIENT, jax.ShapeDtypeStruct(tuple(x_shape), jnp.float32))
+    return call(g, w, *([] if addend is None else [addend]), **_pads_and_strides(strides, padding))
 
 
 def norm_act(x: Array, scale: Array, bias: Array, residual: Array | None, epsilon: float,
@@ -166,14 +221,42 @@ def _check_norm_act(rng: np.random.Generator) -> None:
         raise RuntimeError("its batch norm disagrees with autodiff of the formula")
 
 
+def _check_conv(rng: np.random.Generator) -> None:
+    """conv and input_gradient, each with an addend, against XLA's convolution and its gradient:
+    the loops for 16 input channels at strides 1 (kernel rows in triples) and 2, and the generic
+    loop (5 input channels, a 3x2 kernel, strides (1, 2)), all with asymmetric padding; raises
+    RuntimeError if they differ."""
+    lanes = vector_floats()
+    cases = [((2, 6, 7, 16), (3, 3, 16, lanes), (1, 1), ((1, 0), (1, 2))),
+             ((2, 7, 6, 16), (3, 3, 16, 2 * lanes), (2, 2), ((1, 1), (0, 1))),
+             ((2, 5, 7, 5), (3, 2, 5, lanes), (1, 2), ((2, 1), (1, 0)))]
+    for x_shape, w_shape, strides, padding in cases:
+        def both(x, w, g, a, b, strides=strides, padding=padding):
+            y, vjp = jax.vjp(lambda x: reference_conv(x, w, strides, padding), x)
+            ours = [conv(x, w, strides, padding, a)]
+            expected = [y + a]
+            if x.shape[3] % lanes == 0:
+                ours.append(input_gradient(g, w, x.shape, strides, padding, b))
+                expected.append(vjp(g)[0] + b)
+            return ours, expected
+
+        x, w, b = (rng.standard_normal(shape, np.float32) for shape in (x_shape, w_shape, x_shape))
+        y_shape = jax.eval_shape(lambda x, w: reference_conv(x, w, strides, padding), x, w).shape
+        g, a = (rng.standard_normal(y_shape, np.float32) for _ in range(2))
+        ours, expected = run_apart_on_cpu(both, x, w, g, a, b)
+        if not all(np.allclose(o, e, rtol=1e-4, atol=1e-4) for o, e in zip(ours, expected, strict=True)):
+            raise RuntimeError("its convolution disagrees with XLA's")
+
+
 @functools.cache
 def available() -> bool:
     """Whether this process can use the kernels: one CPU device in one process (a custom
     call has no SPMD rule, so a sharded program would gather its inputs), the library builds, its
     weight gradient matches XLA's on small cases (strided with asymmetric padding, a non-square
-    kernel, 8, 24 and 40 output channels: every vector block the build has), and `norm_act` and its
-    gradient match autodiff of their formula. Checked once per process (about 0.3 s, plus the
-    build the first time on a machine: a few seconds)."""
+    kernel, 8, 24 and 40 output channels: every vector block the build has), `conv` and
+    `input_gradient` match XLA's convolution and its gradient, and `norm_act` and its gradient
+    match autodiff of their formula. Checked once per process (about 0.3 s, plus the
+    build the first time on a machine: about 20 s)."""
     try:
         if not single_cpu_process():
             return False
@@ -194,6 +277,7 @@ def available() -> bool:
             ours, expected = run_apart_on_cpu(both, x, w, g)
             if not np.allclose(ours, expected, rtol=1e-4, atol=1e-4):
                 raise RuntimeError("its weight gradient disagrees with XLA's convolution")
+        _check_conv(rng)
         _check_norm_act(rng)
         return True
     except Exception as err:  # no compiler, a failed build, a jaxlib without the FFI it needs

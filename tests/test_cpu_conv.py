@@ -260,15 +260,27 @@ def test_conv_keeps_nn_conv_parameters_and_output():
                                     atol=1e-5, rtol=1e-5)
 
 
+# (model, its keyword arguments, tolerance: a leaf's largest error over its largest entry).
+# resnet20 with ReLU is compared to 5e-2: with its float32 rounding changed, a pre-activation within
+# rounding of 0 changes sides (one at 2.5e-9 in layer2_1's bn1 with key 1, against float64's
+# value), and that pixel's gradient passes or not: 1.7% to 2.5% of a leaf's largest entry on the
+# three inputs tried, while float64's gradient matched one of the two float32 results. With SiLU,
+# smooth through 0, the same net is compared to 1e-3.
+WHOLE_MODELS = [("lenet5", {}, 1e-3), ("resnet20", {"act": "silu"}, 1e-3),
+                ("resnet20", {}, 5e-2), ("mobilenet_v2", "small", 1e-3)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name,size", [("lenet5", 32), ("resnet20", 32), ("mobilenet_v2", 32)])
-def test_whole_models_train_the_same_with_and_without_the_cpu_forms(monkeypatch, name, size):
-    # Every form in place: lenet5 (taps, narrow, whole), resnet20 (stored inputs under batch norm and
-    # shortcuts, batch norm's form), mobilenet_v2's small variant (depthwise, pointwise, stride 2).
+@pytest.mark.parametrize("name,kwargs,tolerance", WHOLE_MODELS)
+def test_whole_models_train_the_same_with_and_without_the_cpu_forms(monkeypatch, name, kwargs,
+                                                                    tolerance):
+    # Every form in place: lenet5 (taps, narrow, whole), resnet20 (the gather kernel, stored inputs
+    # under batch norm and shortcuts, batch norm's form, with ReLU its norm + residual + ReLU op),
+    # mobilenet_v2's small variant (depthwise, pointwise, stride 2).
     from cnnjax import models
 
-    spec = models.get_spec(name)
-    model = models.create_model(name, num_classes=5, **(spec.small if name == "mobilenet_v2" else {}))
+    spec, size = models.get_spec(name), 32
+    model = models.create_model(name, num_classes=5, **(spec.small if kwargs == "small" else kwargs))
     # Batch 16: at initialisation with batch 4, resnet20's gradients move by several percent under
     # 1e-6 relative noise on one activation (batch norm over 4 images is ill-conditioned), so two
     # correct forms that round differently (the native batch norm sums in double) disagreed.
@@ -288,11 +300,11 @@ def test_whole_models_train_the_same_with_and_without_the_cpu_forms(monkeypatch,
         # with YNNPACK's fusions and flax's batch norm.
         with batchnorm.blocked_sums(name != "mobilenet_v2"):
             results[setting] = jax.jit(jax.grad(loss, has_aux=True))(params)
-    # Each leaf to within 1e-3 of its own largest entry (or 1e-5 for leaves that are zero up to
-    # rounding, such as a bias followed by batch norm): a kernel gradient sums many products, and
+    # Each leaf to within `tolerance` of its own largest entry (or 1e-5 for leaves that are zero up
+    # to rounding, such as a bias followed by batch norm): a kernel gradient sums many products, and
     # batch norm scales their float rounding. A wrong shift, stride or gradient is off by O(1).
     def error(a, b):
-        return float(jnp.max(jnp.abs(a - b)) / (1e-3 * jnp.max(jnp.abs(b)) + 1e-5))
+        return float(jnp.max(jnp.abs(a - b)) / (tolerance * jnp.max(jnp.abs(b)) + 1e-5))
 
     errors = jax.tree.map(error, results["on"], results["off"])
     assert max(jax.tree.leaves(errors)) < 1, errors

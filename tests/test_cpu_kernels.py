@@ -110,6 +110,143 @@ def test_norm_act_matches_autodiff_of_its_formula(shape, relu, has_residual):
         chex.assert_trees_all_close(grads[3], want[3], atol=1e-6)
 
 
+# The gather kernel (cpu_kernels.conv, input_gradient): (input shape, kernel shape, strides,
+# explicit padding). 16, 32 and 64 input channels at stride 1 with 3-wide kernels (kernel rows in
+# triples; 16 and 48 output channels: one vector, then 2-vector blocks and a 1-vector tail), at
+# stride 2 (input pixels two apart) and at strides (1, 2) and 3; the generic loop (5 and 48 input
+# channels, a 5x5 kernel, a 3x2 one); asymmetric padding, a pad wider than the kernel's reach on
+# one side, and none at all (read in place); one image (chunks of rows) and a 1x1 kernel.
+GATHER_CASES = [
+    ((2, 7, 6, 16), (3, 3, 16, 16), (1, 1), ((1, 0), (1, 2))),
+    ((3, 6, 9, 32), (3, 3, 32, 48), (1, 1), ((1, 1), (1, 1))),
+    ((2, 5, 5, 64), (3, 3, 64, 32), (1, 1), ((0, 0), (0, 0))),
+    ((2, 9, 8, 16), (3, 3, 16, 32), (2, 2), ((1, 1), (0, 1))),
+    ((2, 9, 11, 32), (3, 3, 32, 16), (1, 2), ((2, 1), (1, 0))),
+    ((2, 11, 10, 16), (5, 5, 16, 16), (3, 3), ((2, 2), (1, 3))),
+    ((2, 7, 7, 5), (3, 2, 5, 16), (1, 1), ((1, 1), (0, 1))),
+    ((1, 12, 10, 48), (3, 3, 48, 16), (1, 1), ((1, 1), (1, 1))),
+    ((2, 6, 6, 16), (1, 1, 16, 32), (2, 2), ((0, 0), (0, 0))),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding", GATHER_CASES)
+def test_gather_convolution_and_input_gradient_match_xla(x_shape, w_shape, strides, padding):
+    rng = np.random.default_rng(0)
+    x, w = (rng.standard_normal(s, np.float32) for s in (x_shape, w_shape))
+    y, vjp = jax.vjp(lambda x: _xla(x, w, strides, padding), x)
+    g, a = (rng.standard_normal(y.shape, np.float32) for _ in range(2))
+    b = rng.standard_normal(x_shape, np.float32)
+    lanes = cpu_kernels.vector_floats()
+    assert w_shape[3] % lanes == 0  # what the forward pass takes
+
+    def ours(x, w, g, a, b):
+        out = [cpu_kernels.conv(x, w, strides, padding), cpu_kernels.conv(x, w, strides, padding, a)]
+        if x.shape[3] % lanes == 0:  # what the input gradient takes
+            out += [cpu_kernels.input_gradient(g, w, x.shape, strides, padding),
+                    cpu_kernels.input_gradient(g, w, x.shape, strides, padding, b)]
+        return out
+
+    got = jax.jit(ours)(x, w, g, a, b)
+    expected = [y, y + a] + ([vjp(g)[0], vjp(g)[0] + b] if len(got) == 4 else [])
+    chex.assert_trees_all_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@needs_native
+def test_gather_kernel_names_a_channel_count_it_cannot_take():
+    lanes = cpu_kernels.vector_floats()
+    x, w = jnp.ones((1, 4, 4, 16)), jnp.ones((3, 3, 16, lanes + 4))
+    with pytest.raises(Exception, match="Co a multiple of the vector width"):
+        jax.jit(lambda x, w: cpu_kernels.conv(x, w, (1, 1), ((1, 1), (1, 1))))(x, w)
+    g = jnp.ones((1, 4, 4, 16))
+    with pytest.raises(Exception, match="Ci a multiple of the vector width"):
+        jax.jit(lambda g, w: cpu_kernels.input_gradient(
+            g, w, (1, 4, 4, lanes + 4), (1, 1), ((1, 1), (1, 1))))(g, jnp.ones((3, 3, lanes + 4, 16)))
+
+
+def _calls(hlo, *targets):
+    return [hlo.count(f'custom_call_target="{t}"') for t in targets]
+
+
+# (input shape, kernel shape, strides, the gather kernel's calls: forward, input gradient).
+# 16 -> 32 channels: both passes, at stride 1 and 2. The input gradient reads the output gradient's
+# channels: 16 -> 48 takes the forward pass only (48 has no loop of its own), 48 -> 16 the input
+# gradient only; 8 -> 16 neither (8 input channels have no loop, and as the input gradient's
+# outputs are less than AVX-512's 16-float vector).
+GATHER_FORM_CASES = [((2, 9, 9, 16), (3, 3, 16, 32), (1, 1), (1, 1)),
+                     ((2, 9, 9, 16), (3, 3, 16, 32), (2, 2), (1, 1)),
+                     ((2, 8, 8, 16), (3, 3, 16, 48), (1, 1), (1, 0)),
+                     ((2, 8, 8, 48), (3, 3, 48, 16), (1, 1), (0, 1)),
+                     ((2, 8, 8, 8), (3, 3, 8, 16), (1, 1), (0, 0))]
+
+
+@needs_native
+@pytest.mark.parametrize("x_shape,w_shape,strides,calls", GATHER_FORM_CASES)
+@pytest.mark.parametrize("onednn_setting", ["on", "off"])
+def test_generic_layers_take_the_gather_kernel_where_their_channels_fit(
+        x_shape, w_shape, strides, calls, onednn_setting, monkeypatch):
+    # With oneDNN's call ("onednn" form) the passes the kernel does not take are oneDNN's; without
+    # it ("native"), XLA's.
+    from cnnjax import onednn
+
+    if cpu_kernels.vector_floats() != 16:
+        pytest.skip("the cases' channel counts are chosen for AVX-512's 16-float vectors")
+    if onednn_setting == "on" and not onednn.available():
+        pytest.skip("this jaxlib's CPU backend runs no oneDNN convolution")
+    monkeypatch.setenv(onednn.ENV, onednn_setting)
+    x = jax.random.normal(jax.random.key(0), x_shape)
+    w = jax.random.normal(jax.random.key(1), w_shape)
+
+    def loss(conv):
+        return lambda x, w: jnp.sum(jnp.sin(conv(x, w)))
+
+    ours = loss(lambda x, w: cpu_conv.conv_general_dilated(x, w, strides, "SAME",
+                                                           dimension_numbers=cpu_conv._NHWC))
+    grad = jax.jit(jax.grad(ours, (0, 1)))
+    expected = jax.grad(loss(lambda x, w: _xla(x, w, strides, "SAME")), (0, 1))(x, w)
+    chex.assert_trees_all_close(grad(x, w), expected, atol=1e-3, rtol=1e-4)
+    hlo = grad.lower(x, w).compile().as_text()
+    assert tuple(_calls(hlo, cpu_kernels.CONV, cpu_kernels.INPUT_GRADIENT)) == calls
+    onednn_calls = _calls(hlo, onednn.TARGET)[0]
+    if onednn_setting == "off":
+        assert onednn_calls == 0
+    else:  # the rest oneDNN's: its input gradient at stride 2 one call per phase (4 for 3x3)
+        assert onednn_calls == (1 - calls[0]) + (1 - calls[1]) * (1 if strides == (1, 1) else 4)
+    # Where the kernel takes every pass, nothing is stored for the backward pass.
+    assert (" conditional(" in hlo) == (onednn_setting == "off" and calls != (1, 1))
+    monkeypatch.setenv(cpu_kernels.ENV, "off")
+    hlo = jax.jit(jax.grad(ours, (0, 1))).lower(x, w).compile().as_text()
+    assert _calls(hlo, cpu_kernels.CONV, cpu_kernels.INPUT_GRADIENT) == [0, 0]
+
+
+@needs_native
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
+def test_block_input_gradient_adds_the_shortcut_gradient_in_the_gather_kernel(strides):
+    # conv_passing_input (a ResNet block's conv1 and its shortcut): the shortcut's gradient is
+    # the input-gradient call's third operand, at stride 1 and 2.
+    if cpu_kernels.vector_floats() != 16:
+        pytest.skip("the case's channel counts are chosen for AVX-512's 16-float vectors")
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 16, 32))
+
+    def grad(conv_and_x):
+        def loss(x, w):
+            y, shortcut = conv_and_x(x, w)
+            return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.cos(shortcut[:, ::2, ::2]) * shortcut[:, ::2, ::2])
+        return jax.grad(loss, (0, 1))
+
+    ours = jax.jit(grad(lambda x, w: cpu_conv.conv_passing_input(
+        x, w, strides, ((1, 1), (1, 1)), dimension_numbers=cpu_conv._NHWC)))
+    expected = grad(lambda x, w: (_xla(x, w, strides, ((1, 1), (1, 1))), x))(x, w)
+    chex.assert_trees_all_close(ours(x, w), expected, atol=1e-3, rtol=1e-4)
+    hlo = ours.lower(x, w).compile().as_text()
+    call = [line for line in hlo.splitlines()
+            if f'custom_call_target="{cpu_kernels.INPUT_GRADIENT}"' in line]
+    assert len(call) == 1
+    operands = call[0].split("custom-call(", 1)[1].split(")", 1)[0]
+    assert operands.count(",") == 2, call[0]  # g, w and the shortcut's gradient
+
+
 # One layer per form that takes the native weight gradient: "taps" (a first layer on 3 channels),
 # "narrow" (4 channels), and "native" itself (8 channels with oneDNN's call off); and LeNet-5's C1
 # (taps, 6 filters), which keeps XLA's: the kernel takes multiples of 8 filters only.
@@ -210,9 +347,15 @@ def test_programs_with_the_kernel_enter_the_compilation_cache(tmp_path):
         def native_weight_gradient(x, g):
             return cpu_kernels.weight_gradient(x, g, (3, 3), (1, 1), ((1, 1), (1, 1))) * 2
 
+        def native_conv(x, w):
+            return cpu_kernels.conv(x, w, (1, 1), ((1, 1), (1, 1))) * 2
+
         jax.jit(native_weight_gradient)(x, g)
-        # Unlike oneDNN's call (tests/test_onednn.py), XLA serialises this one.
+        jax.jit(native_conv)(np.ones((1, 5, 5, 16), np.float32),
+                             np.ones((3, 3, 16, cpu_kernels.vector_floats()), np.float32))
+        # Unlike oneDNN's call (tests/test_onednn.py), XLA serialises these.
         assert [p for p in tmp_path.iterdir() if "native_weight_gradient" in p.name]
+        assert [p for p in tmp_path.iterdir() if "native_conv" in p.name]
     finally:
         for k, v in saved.items():
             jax.config.update(k, v)
