@@ -76,11 +76,11 @@ def layer(batch: int, size: int, cin: int, cout: int, stride: int, torch,
     g = rng.standard_normal((batch, out, out, cout), np.float32)
     strides = (stride, stride)
     gather = kernels == "cnnjax"
-    if gather and cpu_kernels.conv_fits(cin, cout):
+    if gather and cpu_kernels.conv_fits(cin, cout, g.size):
         forward = jax.jit(lambda x, w: cpu_kernels.conv(x, w, strides, pads))
     else:
         forward = jax.jit(lambda x, w: onednn.conv(x, w, strides, pads))
-    if gather and cpu_kernels.conv_fits(cout, cin):
+    if gather and cpu_kernels.conv_fits(cout, cin, x.size):
         input_grad = jax.jit(lambda g, w: cpu_kernels.input_gradient(g, w, x.shape, strides, pads))
     elif stride == 1:
         input_grad = jax.jit(lambda g, w: onednn.input_gradient(g, w, pads))

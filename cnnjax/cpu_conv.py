@@ -62,16 +62,17 @@ Array = jax.Array
 #   gradient.
 #
 # Gather kernel (`cpu_kernels.conv`, `cpu_kernels.input_gradient`, cnnjax/cpu_kernels.cc): the
-# forward pass of a layer with 16, 32 or 64 input channels and a multiple of a vector register's
-# floats of output channels (16 with AVX-512), and the input gradient where the same holds with
-# the channel counts swapped, at any stride and padding. jaxlib's oneDNN calls run PyTorch's
+# forward pass of a layer with 16, 32 or 64 input channels (or an RGB first layer with a small
+# output: `cpu_kernels.conv_fits`) and a multiple of a vector register's floats of output channels
+# (16 with AVX-512), and the input gradient where the same holds with the channel counts swapped,
+# at any stride and padding. jaxlib's oneDNN calls run PyTorch's
 # kernel at its speed on one core but lose 5% to 50% on two inside a train step (XLA's oneDNN
 # thread pool splits a call into exactly as many tasks as it has threads and blocks the caller);
 # the gather kernel's chunks go to whichever thread is free, and its 3-wide kernel rows share each
 # input read across three taps. A strided layer's input gradient is one call, each input pixel
 # summing only the taps that reach it. resnet20's train step 1.068x faster than with oneDNN's calls
 # (benchmarks/RESULTS.md); with 128 and more channels oneDNN's blocking is faster, so those keep
-# it. Programs without oneDNN's call enter the persistent compilation cache.
+# it. Programs without oneDNN's call (resnet20's) enter the persistent compilation cache.
 #
 # Native weight gradient: the float32 layers of the forms taps, narrow, onednn and native (one
 # group, no dilation, non-negative padding, a multiple of 8 filters) take dL/dw from
@@ -354,9 +355,8 @@ def _reads_in_place(form: str | None, x: Array, w: Array, strides: tuple[int, in
     where the gather kernel also takes the forward pass and the input gradient."""
     if not _native_weight_gradient(x, w, strides, padding):
         return False
-    c_in, c_out = x.shape[3], w.shape[3]
-    return form == "onednn" or (
-        form == "native" and _gather_fits(c_in, c_out) and _gather_fits(c_out, c_in))
+    return form == "onednn" or (form == "native" and _gather_forward(x, w, strides, padding)
+                                and _gather_input_gradient(x, w))
 
 
 def _cpu_form(lhs: Array, rhs: Array, strides: tuple[int, int], padding: Any, lhs_dilation: Any,
@@ -404,7 +404,7 @@ def conv_passing_input(lhs: Array, rhs: Array, window_strides: Sequence[int], pa
     form = _cpu_form(lhs, rhs, strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                      feature_group_count, preferred_element_type)
     pads = pad_pairs(lhs.shape[1:3], rhs.shape[:2], strides, padding)
-    gather = form in ("onednn", "native") and _gather_fits(rhs.shape[3], lhs.shape[3])
+    gather = form in ("onednn", "native") and _gather_input_gradient(lhs, rhs)
     onednn_add = (form == "onednn" and strides == (1, 1) and onednn.addend_available()
                   and onednn.pads_below_kernel(rhs.shape[:2], pads))
     if not (gather or onednn_add):
@@ -465,10 +465,26 @@ def _form_function(form: str | None, conv: Callable[[Array, Array], Array], dot:
     return conv
 
 
-def _gather_fits(c_in: int, c_out: int) -> bool:
-    """Whether cnnjax's own convolution loops take a pass of c_in -> c_out channels ("gather
-    kernel" above): the kernels on and built, the channels fitting `cpu_kernels.conv_fits`."""
-    return cpu_kernels.enabled() and cpu_kernels.available() and cpu_kernels.conv_fits(c_in, c_out)
+def _gather_fits(c_in: int, c_out: int, outputs: int) -> bool:
+    """Whether cnnjax's own convolution loops take a pass of c_in -> c_out channels writing
+    `outputs` floats ("gather kernel" above): the kernels on and built, and
+    `cpu_kernels.conv_fits`."""
+    return (cpu_kernels.enabled() and cpu_kernels.available()
+            and cpu_kernels.conv_fits(c_in, c_out, outputs))
+
+
+def _gather_forward(x: Array, w: Array, strides: tuple[int, int], padding: Any) -> bool:
+    """Whether the gather kernel takes this layer's forward pass."""
+    pads = pad_pairs(x.shape[1:3], w.shape[:2], strides, padding)
+    out = [(size + low + high - k) // s + 1
+           for size, k, s, (low, high) in zip(x.shape[1:3], w.shape[:2], strides, pads, strict=True)]
+    return _gather_fits(x.shape[3], w.shape[3], x.shape[0] * out[0] * out[1] * w.shape[3])
+
+
+def _gather_input_gradient(x: Array, w: Array) -> bool:
+    """Whether the gather kernel takes this layer's input gradient (it reads the output
+    gradient's channels and writes x's)."""
+    return _gather_fits(w.shape[3], x.shape[3], x.size)
 
 
 def _forward(conv: Callable[[Array, Array], Array], form: str, x: Array, w: Array,
@@ -477,7 +493,7 @@ def _forward(conv: Callable[[Array, Array], Array], form: str, x: Array, w: Arra
     non-negative padding): cnnjax's gather kernel where the channels fit it, else oneDNN's call
     ("onednn"), else `conv` ("native")."""
     pads = pad_pairs(x.shape[1:3], w.shape[:2], strides, padding)
-    if _gather_fits(x.shape[3], w.shape[3]):
+    if _gather_forward(x, w, strides, padding):
         return cpu_kernels.conv(x, w, strides, pads)
     return onednn.conv(x, w, strides, pads) if form == "onednn" else conv(x, w)
 
@@ -490,7 +506,7 @@ def _input_gradient(conv: Callable[[Array, Array], Array], form: str, x: Array, 
     oneDNN's calls ("onednn": at a stride, one stride-1 call per phase of the input; at stride 1
     with a pad as large as the kernel, XLA's); else XLA's."""
     pads = pad_pairs(x.shape[1:3], w.shape[:2], strides, padding)
-    if _gather_fits(w.shape[3], x.shape[3]):
+    if _gather_input_gradient(x, w):
         return cpu_kernels.input_gradient(g, w, x.shape, strides, pads, addend)
     if form == "onednn" and strides != (1, 1):
         x_grad = onednn.strided_input_gradient(g, w, x.shape, strides, pads)

@@ -359,8 +359,9 @@ ffi::Error WeightGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 // benchmarks/RESULTS.md): forward and input gradient 2.4 to 2.7 ms at 16 channels against
 // oneDNN's 3.5 to 4.4 and PyTorch's 2.4 to 2.6; the stride-2 input gradient 1.3 to 1.6 against
 // 2.7 to 4.1 and 1.7 to 2.2. With 16, 32 or 64 input channels the loops are compiled for that
-// count; any other count takes a generic loop (correct, and slower than oneDNN: cnnjax/cpu_conv.py
-// sends only the three counts here).
+// count (3, an RGB first layer, too, in triples); any other count takes a generic loop (correct,
+// and slower than oneDNN at 48 channels and more: cnnjax/cpu_conv.py sends only 3, 16, 32 and
+// 64 here).
 
 // The input pixels, taps and output pixels of one output row (or column phase of one).
 struct Tap {
@@ -520,6 +521,7 @@ void GatherRowOf(const RowJob& r) {
 template <int V>
 void GatherRowV(const RowJob& r) {
   if (Triples(r)) {
+    if (r.ci == 3) return GatherTriplesRow<V, 3>(r);  // an RGB first layer
     if (r.ci == 16) return GatherTriplesRow<V, 16>(r);
     if (r.ci == 32) return GatherTriplesRow<V, 32>(r);
     if (r.ci == 64) return GatherTriplesRow<V, 64>(r);

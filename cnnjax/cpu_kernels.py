@@ -133,15 +133,21 @@ def weight_gradient(x: Array, g: Array, kernel: Sequence[int], strides: Sequence
 # The input channel counts (of the forward pass; of the input gradient: the output channels) for
 # which `conv` and `input_gradient` have loops of their own, and run as fast as oneDNN's kernel or
 # faster (benchmarks/RESULTS.md); with more channels oneDNN's blocking wins (128 channels: 1.15x
-# to 2x faster), with fewer its kernel for them (an RGB stem: 0.86 against 0.96 ms).
+# to 2x faster). An RGB first layer (3 channels) takes the kernel while its output is at most
+# RGB_MAX_OUTPUT_BYTES: with 27 multiply-adds per output it is bound by its stores, which beyond the
+# cache also read each line first (3 -> 16 at 32 px, batch 128, 8 MB out: 0.72 against oneDNN's
+# 0.85 ms; 3 -> 64 at 224 px, batch 16, 51 MB: 5.79 against 4.85).
 GATHER_CHANNELS = (16, 32, 64)
+RGB_MAX_OUTPUT_BYTES = 32 << 20
 
 
-def conv_fits(c_in: int, c_out: int) -> bool:
-    """Whether `conv` runs a layer of c_in -> c_out channels in its own loops (GATHER_CHANNELS in,
-    a multiple of the vector width out), so faster than oneDNN's call; `input_gradient` of that
-    layer fits where `conv_fits(c_out, c_in)`. `available()` first."""
-    return c_in in GATHER_CHANNELS and c_out % vector_floats() == 0
+def conv_fits(c_in: int, c_out: int, outputs: int) -> bool:
+    """Whether `conv` runs a layer of c_in -> c_out channels writing `outputs` floats in its own
+    loops (GATHER_CHANNELS in, or 3 with at most RGB_MAX_OUTPUT_BYTES out; a multiple of the
+    vector width out), so faster than oneDNN's call; `input_gradient` of that layer fits where
+    `conv_fits(c_out, c_in, x's size)`. `available()` first."""
+    channels = c_in in GATHER_CHANNELS or (c_in == 3 and 4 * outputs <= RGB_MAX_OUTPUT_BYTES)
+    return channels and c_out % vector_floats() == 0
 
 
 def _pads_and_strides(strides: Sequence[int], padding: Sequence[tuple[int, int]]) -> dict:
@@ -223,11 +229,12 @@ def _check_norm_act(rng: np.random.Generator) -> None:
 
 def _check_conv(rng: np.random.Generator) -> None:
     """conv and input_gradient, each with an addend, against XLA's convolution and its gradient:
-    the loops for 16 input channels at strides 1 (kernel rows in triples) and 2, and the generic
-    loop (5 input channels, a 3x2 kernel, strides (1, 2)), all with asymmetric padding; raises
-    RuntimeError if they differ."""
+    the loops for 16 input channels at strides 1 (kernel rows in triples) and 2, for 3 (an RGB
+    layer, forward only), and the generic loop (5 input channels, a 3x2 kernel, strides (1, 2)),
+    all with asymmetric padding; raises RuntimeError if they differ."""
     lanes = vector_floats()
     cases = [((2, 6, 7, 16), (3, 3, 16, lanes), (1, 1), ((1, 0), (1, 2))),
+             ((2, 5, 6, 3), (3, 3, 3, lanes), (1, 1), ((1, 1), (0, 1))),
              ((2, 7, 6, 16), (3, 3, 16, 2 * lanes), (2, 2), ((1, 1), (0, 1))),
              ((2, 5, 7, 5), (3, 2, 5, lanes), (1, 2), ((2, 1), (1, 0)))]
     for x_shape, w_shape, strides, padding in cases:

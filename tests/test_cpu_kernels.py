@@ -113,8 +113,8 @@ def test_norm_act_matches_autodiff_of_its_formula(shape, relu, has_residual):
 # The gather kernel (cpu_kernels.conv, input_gradient): (input shape, kernel shape, strides,
 # explicit padding). 16, 32 and 64 input channels at stride 1 with 3-wide kernels (kernel rows in
 # triples; 16 and 48 output channels: one vector, then 2-vector blocks and a 1-vector tail), at
-# stride 2 (input pixels two apart) and at strides (1, 2) and 3; the generic loop (5 and 48 input
-# channels, a 5x5 kernel, a 3x2 one); asymmetric padding, a pad wider than the kernel's reach on
+# stride 2 (input pixels two apart) and at strides (1, 2) and 3; 3 input channels (an RGB layer)
+# in triples; the generic loop (5 and 48 input channels, a 5x5 kernel, a 3x2 one); asymmetric padding, a pad wider than the kernel's reach on
 # one side, and none at all (read in place); one image (chunks of rows) and a 1x1 kernel.
 GATHER_CASES = [
     ((2, 7, 6, 16), (3, 3, 16, 16), (1, 1), ((1, 0), (1, 2))),
@@ -124,6 +124,7 @@ GATHER_CASES = [
     ((2, 9, 11, 32), (3, 3, 32, 16), (1, 2), ((2, 1), (1, 0))),
     ((2, 11, 10, 16), (5, 5, 16, 16), (3, 3), ((2, 2), (1, 3))),
     ((2, 7, 7, 5), (3, 2, 5, 16), (1, 1), ((1, 1), (0, 1))),
+    ((2, 8, 7, 3), (3, 3, 3, 32), (1, 1), ((1, 1), (2, 0))),
     ((1, 12, 10, 48), (3, 3, 48, 16), (1, 1), ((1, 1), (1, 1))),
     ((2, 6, 6, 16), (1, 1, 16, 32), (2, 2), ((0, 0), (0, 0))),
 ]
@@ -217,6 +218,25 @@ def test_generic_layers_take_the_gather_kernel_where_their_channels_fit(
     monkeypatch.setenv(cpu_kernels.ENV, "off")
     hlo = jax.jit(jax.grad(ours, (0, 1))).lower(x, w).compile().as_text()
     assert _calls(hlo, cpu_kernels.CONV, cpu_kernels.INPUT_GRADIENT) == [0, 0]
+
+
+@needs_native
+def test_rgb_first_layers_take_the_gather_kernel_while_their_output_is_small():
+    # 3 input channels: the "taps" form by shape, beside oneDNN's call the onednn form. The gather
+    # kernel takes the forward pass while the output is at most RGB_MAX_OUTPUT_BYTES.
+    from cnnjax import onednn
+
+    if not onednn.available():
+        pytest.skip("this jaxlib's CPU backend runs no oneDNN convolution")
+    lanes = cpu_kernels.vector_floats()
+    w = jax.ShapeDtypeStruct((3, 3, 3, lanes), jnp.float32)
+    fn = jax.jit(lambda x, w: cpu_conv.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                            dimension_numbers=cpu_conv._NHWC))
+    for batch, gather in ((128, True), (1024, False)):  # 8 MiB (with 16 lanes) and 64 MiB out
+        x = jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.float32)
+        assert (4 * batch * 32 * 32 * lanes <= cpu_kernels.RGB_MAX_OUTPUT_BYTES) == gather
+        hlo = fn.lower(x, w).compile().as_text()
+        assert _calls(hlo, cpu_kernels.CONV, onednn.TARGET) == ([1, 0] if gather else [0, 1])
 
 
 @needs_native

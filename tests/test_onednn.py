@@ -230,11 +230,14 @@ def test_generic_layers_run_as_onednn(strides, monkeypatch):
                                                    ((2, 12, 12, 1), (5, 5, 1, 6), 0)])  # LeNet's C1
 def test_only_the_narrowest_taps_layers_stay_tap_sums_beside_onednn(x_shape, w_shape, calls):
     # Both are "taps" by shape; beside oneDNN's kernel only layers of at most
-    # TAPS_MAX_MACS_BESIDE_ONEDNN multiply-adds per output pixel keep the tap sum.
+    # TAPS_MAX_MACS_BESIDE_ONEDNN multiply-adds per output pixel keep the tap sum. The others take
+    # the onednn form: the RGB stem's forward pass is then the gather kernel's call
+    # (tests/test_cpu_kernels.py), or oneDNN's without cnnjax's kernels.
     assert cpu_conv.cpu_conv_form(x_shape, w_shape, "SAME") == "taps"
     x, w = jax.random.normal(jax.random.key(0), x_shape), jax.random.normal(jax.random.key(1), w_shape)
     fn = jax.jit(_ours((1, 1), "SAME"))
-    assert fn.lower(x, w).compile().as_text().count(f'custom_call_target="{onednn.TARGET}"') == calls
+    hlo = fn.lower(x, w).compile().as_text()
+    assert sum(hlo.count(f'custom_call_target="{t}"') for t in (onednn.TARGET, cpu_kernels.CONV)) == calls
     chex.assert_trees_all_close(fn(x, w), _xla(x, w, (1, 1), "SAME"), atol=1e-4, rtol=1e-5)
 
 
