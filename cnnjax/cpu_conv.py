@@ -476,9 +476,8 @@ def _gather_fits(c_in: int, c_out: int, outputs: int) -> bool:
 def _gather_forward(x: Array, w: Array, strides: tuple[int, int], padding: Any) -> bool:
     """Whether the gather kernel takes this layer's forward pass."""
     pads = pad_pairs(x.shape[1:3], w.shape[:2], strides, padding)
-    out = [(size + low + high - k) // s + 1
-           for size, k, s, (low, high) in zip(x.shape[1:3], w.shape[:2], strides, pads, strict=True)]
-    return _gather_fits(x.shape[3], w.shape[3], x.shape[0] * out[0] * out[1] * w.shape[3])
+    out = cpu_kernels.conv_output_shape(x.shape, w.shape, strides, pads)
+    return _gather_fits(x.shape[3], w.shape[3], math.prod(out))
 
 
 def _gather_input_gradient(x: Array, w: Array) -> bool:
