@@ -10,7 +10,7 @@ cnnjax.bench); torch's is the same model from cnnjax/bench_torch.py in channels_
 0.9, lr 0.1, cross-entropy, `torch.compile`d (or eager with `--torch-mode eager`), on one thread
 per core.
 
-    python benchmarks/cpu_step_vs_torch.py resnet20 --batch-size 128 --rounds 10 [--out FILE.json]
+    python benchmarks/cpu_step_vs_torch.py resnet20 --batch-size 128 --rounds 10 [--out FILE.json] [--json]
 
 Needs torch (a benchmark-only dependency); --out saves the numbers with the date, device and
 versions and never overwrites an existing file.
@@ -19,6 +19,7 @@ versions and never overwrites an existing file.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per block")
     parser.add_argument("--torch-mode", choices=("compile", "eager"), default="compile")
     parser.add_argument("--out", help="save the numbers as JSON here")
+    parser.add_argument("--json", action="store_true",
+                        help="also print the numbers as one JSON line (what benchmarks/run.py reads)")
     args = parser.parse_args(argv)
     results_file.refuse_existing(args.out)
     try:
@@ -112,11 +115,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.model} @ {size}px, batch {args.batch_size}, {args.rounds} alternating rounds: "
           f"cnnjax {ours:.1f} ms, torch {args.torch_mode} {theirs:.1f} ms per train step; "
           f"cnnjax / torch throughput {theirs / ours:.3f}x")
+    numbers = dict(model=args.model, batch_size=args.batch_size, image_size=size,
+                   rounds=args.rounds, torch_mode=args.torch_mode, cnnjax_ms=times["cnnjax"],
+                   torch_ms=times["torch"], cnnjax_median_ms=ours, torch_median_ms=theirs,
+                   throughput_ratio=theirs / ours)
     if args.out:
         results_file.save_new(args.out, torch=torch.__version__, torch_threads=torch.get_num_threads(),
-                              args=vars(args), image_size=size, cnnjax_ms=times["cnnjax"],
-                              torch_ms=times["torch"], cnnjax_median_ms=ours, torch_median_ms=theirs,
-                              throughput_ratio=theirs / ours)
+                              args=vars(args), **numbers)
+    if args.json:
+        print(json.dumps(numbers))
 
 
 if __name__ == "__main__":

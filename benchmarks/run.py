@@ -44,8 +44,13 @@ PLANS = {
                 epoch={"resnet20": None, "resnet18": None},  # 50,000 images: hours on 2 cores
                 # Again against torch in its own process, under glibc's defaults: in the suite's
                 # process it runs under cnnjax's malloc setting, which speeds torch's CPU steps too.
-                torch_separate=["lenet5", "resnet20", "resnet18"]),
+                torch_separate=["lenet5", "resnet20", "resnet18"],
+                # And both steps built in one process, timed in alternating blocks
+                # (benchmarks/cpu_step_vs_torch.py): this VM's speed drifts by 25% within minutes,
+                # which one-after-the-other timings above cannot tell from a real difference.
+                alternating={"lenet5": 128, "resnet20": 128}, alternating_rounds=20),
 }
+TORCH_MODES = ("eager", "compile")
 TORCH_MODELS_WITHOUT_TORCHVISION = ("lenet5", "resnet20")
 
 
@@ -94,8 +99,14 @@ def epoch_command(model: str, batch: int, plan: dict, *, torch: bool) -> list[st
     return [*cmd, "--compare-torch"] if torch else cmd
 
 
+def alternating_command(model: str, batch: int, rounds: int, torch_mode: str) -> list[str]:
+    """cnnjax's train step against torch's (`torch_mode`), in alternating blocks in one process."""
+    return [sys.executable, str(HERE / "cpu_step_vs_torch.py"), model, "--batch-size", str(batch),
+            "--rounds", str(rounds), "--torch-mode", torch_mode, "--json"]
+
+
 def run_plan(plan_name: str, only: set[str], timeout: float, xla_flags: str = ""
-             ) -> tuple[list, list, list, list, list]:
+             ) -> tuple[list, list, list, list, list, list]:
     plan = PLANS[plan_name]
     has_torch, has_torchvision = _torch_available()
 
@@ -142,7 +153,14 @@ def run_plan(plan_name: str, only: set[str], timeout: float, xla_flags: str = ""
         cmd = bench_command(model, size, plan["batch"][model], plan, torch=True,
                             torch_process="separate")
         separate.append(run_one(f"{model}@{size}", cmd, timeout, xla_flags))
-    return runs, sweeps, compiles, epochs, separate
+    alternating = []
+    for model, batch in plan.get("alternating", {}).items():
+        if (only and model not in only) or not torch_for(model):
+            continue
+        for mode in TORCH_MODES:
+            cmd = alternating_command(model, batch, plan["alternating_rounds"], mode)
+            alternating.append(run_one(f"{model}@{dict(SUITE)[model]}", cmd, timeout, xla_flags))
+    return runs, sweeps, compiles, epochs, separate, alternating
 
 
 def _fmt(value, spec: str = ",.1f") -> str:
@@ -220,10 +238,28 @@ def _separate_rows(separate: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
+def _alternating_rows(alternating: list[dict]) -> list[str]:
+    lines = ["## Against PyTorch in alternating blocks (one process, CPU)", "",
+             "Both train steps built in one process and timed in turn, one unmeasured and 3 timed "
+             "steps a block; medians of the rounds (benchmarks/cpu_step_vs_torch.py).", "",
+             "| model | batch | torch mode | rounds | cnnjax ms | torch ms | cnnjax/torch |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for run in alternating:
+        r = run.get("result")
+        if r is None:
+            lines.append(f"| {run['name']} | failed: {run.get('error')} | | | | | |")
+            continue
+        lines.append(f"| {run['name']} | {r['batch_size']} | {r['torch_mode']} | {r['rounds']} "
+                     f"| {r['cnnjax_median_ms']:.1f} | {r['torch_median_ms']:.1f} "
+                     f"| {r['throughput_ratio']:.2f}x |")
+    return [*lines, ""]
+
+
 def render(runs: list[dict], sweeps: list[dict], compiles: list[dict], meta: dict,
-           epochs: list[dict] = (), separate: list[dict] = ()) -> str:
+           epochs: list[dict] = (), separate: list[dict] = (), alternating: list[dict] = ()) -> str:
     """The generated part of RESULTS.md: provenance, suite table, batch sweeps, deep-net compile
-    times, CIFAR epochs, the comparison against torch in its own process."""
+    times, CIFAR epochs, the comparisons against torch in its own process and in alternating
+    blocks."""
     lines = ["# Benchmark results", "",
              f"- device: {meta['device']}", f"- date: {meta['date']}",
              f"- versions: {meta['versions']}", f"- command: `{meta['command']}`",
@@ -254,8 +290,10 @@ def render(runs: list[dict], sweeps: list[dict], compiles: list[dict], meta: dic
         lines += _epoch_rows(epochs)
     if separate:
         lines += _separate_rows(separate)
-    commands = [run["command"] for run in [*runs, *sweeps, *compiles, *epochs, *separate]
-                if "command" in run]
+    if alternating:
+        lines += _alternating_rows(alternating)
+    commands = [run["command"] for run in [*runs, *sweeps, *compiles, *epochs, *separate,
+                                           *alternating] if "command" in run]
     lines += ["Commands:", "", *(f"    {c}" for c in commands), ""]
     return "\n".join(lines)
 
@@ -304,12 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     if plan == "auto":
         plan = "cpu" if meta["device"].startswith("cpu") else "gpu"
     only = {m for m in args.only.split(",") if m}
-    runs, sweeps, compiles, epochs, separate = run_plan(plan, only, args.timeout, args.xla_flags)
-    text = render(runs, sweeps, compiles, meta, epochs, separate)
+    runs, sweeps, compiles, epochs, separate, alternating = run_plan(plan, only, args.timeout,
+                                                                     args.xla_flags)
+    text = render(runs, sweeps, compiles, meta, epochs, separate, alternating)
     write_results(Path(args.out), text)
     if args.json_out:
         raw = {"meta": meta, "runs": runs, "sweeps": sweeps, "compiles": compiles, "epochs": epochs,
-               "torch_separate": separate}
+               "torch_separate": separate, "torch_alternating": alternating}
         Path(args.json_out).write_text(json.dumps(raw, indent=1))
     print(text)
     return 0

@@ -290,6 +290,41 @@ def test_suite_renders_markdown_with_provenance():
     assert "## Against PyTorch as installed" in text
     assert "| lenet5@32 | 8 | 10.0 | 8.0 | 5.0 | 1.25x |" in text
     assert "| resnet20@32 | failed: boom | | | | |" in text and "    s" in text
+    turns = {"batch_size": 128, "torch_mode": "compile", "rounds": 20, "cnnjax_median_ms": 170.4,
+             "torch_median_ms": 174.9, "throughput_ratio": 174.9 / 170.4}
+    text = bench_suite.render(runs, [], [], meta,
+                              alternating=[{"name": "resnet20@32", "command": "t", "result": turns},
+                                           {"name": "lenet5@32", "error": "no torch"}])
+    assert "## Against PyTorch in alternating blocks" in text
+    assert "| resnet20@32 | 128 | compile | 20 | 170.4 | 174.9 | 1.03x |" in text
+    assert "| lenet5@32 | failed: no torch | | | | | |" in text and "    t" in text
+
+
+def test_cpu_plan_times_both_torch_modes_in_alternating_blocks():
+    plan = bench_suite.PLANS["cpu"]
+    assert set(plan["alternating"]) == {"lenet5", "resnet20"}
+    cmd = bench_suite.alternating_command("resnet20", 128, plan["alternating_rounds"], "eager")
+    assert cmd[1].endswith("benchmarks/cpu_step_vs_torch.py") and Path(cmd[1]).exists()
+    assert cmd[2:] == ["resnet20", "--batch-size", "128", "--rounds", "20", "--torch-mode",
+                       "eager", "--json"]
+
+
+def test_cpu_step_against_torch_alternates_blocks_and_prints_json(capsys):
+    import cpu_step_vs_torch  # benchmarks/cpu_step_vs_torch.py
+
+    calls = []
+    times = cpu_step_vs_torch.alternating_ms({"a": lambda: calls.append("a"),
+                                              "b": lambda: calls.append("b")}, rounds=2, per_block=3)
+    # Each block: one unmeasured step, then 3 timed; blocks in turn.
+    assert calls == ["a"] * 4 + ["b"] * 4 + ["a"] * 4 + ["b"] * 4
+    assert [len(v) for v in times.values()] == [2, 2]
+    pytest.importorskip("torch")
+    cpu_step_vs_torch.main(["lenet5", "--batch-size", "4", "--rounds", "1", "--steps", "1",
+                            "--torch-mode", "eager", "--json"])
+    numbers = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert numbers["model"] == "lenet5" and numbers["torch_mode"] == "eager"
+    assert numbers["throughput_ratio"] == pytest.approx(
+        numbers["torch_median_ms"] / numbers["cnnjax_median_ms"])
 
 
 def test_depthwise_benchmark_times_every_form_and_keeps_earlier_results(tmp_path, monkeypatch, capsys):
