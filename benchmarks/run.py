@@ -70,7 +70,9 @@ def bench_command(model: str, size: int, batch: int, plan: dict, *, torch: bool,
 
 def run_one(name: str, cmd: list[str], timeout: float, xla_flags: str = "") -> dict:
     """{"name", "command", "result"} or {"name", "command", "error"}; the command is as typed."""
-    shown = " ".join(shlex.quote(c) for c in ["python", *cmd[1:]])
+    # Paths inside the repository as typed from its root (the suite runs from anywhere).
+    root = f"{HERE.parent}{os.sep}"
+    shown = " ".join(shlex.quote(c.removeprefix(root)) for c in ["python", *cmd[1:]])
     env = dict(os.environ)
     if xla_flags:
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
