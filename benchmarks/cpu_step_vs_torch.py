@@ -29,7 +29,6 @@ import jax
 import results_file  # benchmarks/results_file.py, beside this script
 
 from cnnjax import bench, distributed, models
-from cnnjax.bench_torch import build_torch_model
 
 
 def _cnnjax_step(name: str, batch: int, size: int) -> Callable[[], None]:
@@ -48,6 +47,8 @@ def _cnnjax_step(name: str, batch: int, size: int) -> Callable[[], None]:
 
 
 def _torch_step(torch, name: str, batch: int, size: int, mode: str) -> Callable[[], None]:
+    from cnnjax.bench_torch import build_torch_model  # imports torch: only once it is needed
+
     spec = models.get_spec(name)
     model, _ = build_torch_model(name, num_classes=spec.num_classes, in_channels=spec.in_channels)
     model = model.to(memory_format=torch.channels_last).train()
