@@ -136,7 +136,7 @@ def weight_gradient(x: Array, g: Array, kernel: Sequence[int], strides: Sequence
 # to 2x faster). An RGB first layer (3 channels) takes the kernel while its output is at most
 # RGB_MAX_OUTPUT_BYTES: with 27 multiply-adds per output it is bound by its stores, which beyond the
 # cache also read each line first (3 -> 16 at 32 px, batch 128, 8 MB out: 0.72 against oneDNN's
-# 0.85 ms; 3 -> 64 at 224 px, batch 16, 51 MB: 5.79 against 4.85).
+# 0.85 ms; 3 -> 64 at 112 px, batch 16, 51 MB: 5.79 against 4.85).
 GATHER_CHANNELS = (16, 32, 64)
 RGB_MAX_OUTPUT_BYTES = 32 << 20
 
