@@ -152,6 +152,17 @@ void Channels(const Conv& s, const float* x, const float* g, const Range& r, int
   });
 }
 
+// The optional last operand of a handler (an addend or a residual of `count` floats): *data is
+// nullptr where there is none; false where there is one of another size.
+bool OptionalOperand(const ffi::RemainingArgs& rest, int64_t count, const float** data) {
+  *data = nullptr;
+  if (rest.size() != 1) return true;
+  auto a = rest.get<ffi::Buffer<ffi::F32>>(0);
+  if (!a.has_value() || static_cast<int64_t>(a->element_count()) != count) return false;
+  *data = a->typed_data();
+  return true;
+}
+
 int64_t CeilDiv(int64_t a, int64_t b) { return a >= 0 ? (a + b - 1) / b : -((-a) / b); }
 
 // The outputs o in [0, out) whose input o * stride + tap - pad lies in [0, size), as [lo, hi).
@@ -604,13 +615,9 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
                        int64_t sw, int64_t pt, int64_t pl) {
   constexpr int64_t L = sizeof(vw) / sizeof(float);
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  const float* add = nullptr;
-  if (rest.size() == 1) {
-    auto a = rest.get<ffi::Buffer<ffi::F32>>(0);
-    if (!a.has_value() || a->element_count() != y->element_count())
-      return ffi::Error::InvalidArgument("cnnjax conv: the addend must match the output");
-    add = a->typed_data();
-  }
+  const float* add;
+  if (!OptionalOperand(rest, y->element_count(), &add))
+    return ffi::Error::InvalidArgument("cnnjax conv: the addend must match the output");
   if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4 || xd[0] != yd[0] || xd[3] != wd[2] ||
       wd[3] != yd[3] || yd[3] % L != 0 || sh < 1 || sw < 1 || pt < 0 || pl < 0 || rest.size() > 1)
     return ffi::Error::InvalidArgument(
@@ -655,13 +662,9 @@ ffi::Error ConvInputGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
                              int64_t pl) {
   constexpr int64_t L = sizeof(vw) / sizeof(float);
   auto gd = g.dimensions(), wd = w.dimensions(), xd = dx->dimensions();
-  const float* add = nullptr;
-  if (rest.size() == 1) {
-    auto a = rest.get<ffi::Buffer<ffi::F32>>(0);
-    if (!a.has_value() || a->element_count() != dx->element_count())
-      return ffi::Error::InvalidArgument("cnnjax conv input gradient: the addend must match dx");
-    add = a->typed_data();
-  }
+  const float* add;
+  if (!OptionalOperand(rest, dx->element_count(), &add))
+    return ffi::Error::InvalidArgument("cnnjax conv input gradient: the addend must match dx");
   if (gd.size() != 4 || wd.size() != 4 || xd.size() != 4 || gd[0] != xd[0] || xd[3] != wd[2] ||
       wd[3] != gd[3] || xd[3] % L != 0 || sh < 1 || sw < 1 || pt < 0 || pl < 0 || rest.size() > 1)
     return ffi::Error::InvalidArgument(
@@ -830,13 +833,9 @@ ffi::Error NormActForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
                           ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> mean,
                           ffi::ResultBuffer<ffi::F32> var, float eps, bool relu) {
   int64_t rows, c;
-  const float* residual = nullptr;
-  if (rest.size() == 1) {
-    auto r = rest.get<ffi::Buffer<ffi::F32>>(0);
-    if (!r.has_value() || r->element_count() != x.element_count())
-      return ffi::Error::InvalidArgument("cnnjax batch norm: the residual must match x");
-    residual = r->typed_data();
-  }
+  const float* residual;
+  if (!OptionalOperand(rest, x.element_count(), &residual))
+    return ffi::Error::InvalidArgument("cnnjax batch norm: the residual must match x");
   if (!RowsOf(x.dimensions(), x.element_count(), &rows, &c) || scale.element_count() != c ||
       bias.element_count() != c || mean->element_count() != c || var->element_count() != c ||
       rest.size() > 1)

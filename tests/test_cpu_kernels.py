@@ -154,11 +154,14 @@ def test_gather_convolution_and_input_gradient_match_xla(x_shape, w_shape, strid
 
 
 @needs_native
-def test_gather_kernel_names_a_channel_count_it_cannot_take():
+def test_gather_kernel_names_a_shape_it_cannot_take():
     lanes = cpu_kernels.vector_floats()
     x, w = jnp.ones((1, 4, 4, 16)), jnp.ones((3, 3, 16, lanes + 4))
     with pytest.raises(Exception, match="Co a multiple of the vector width"):
         jax.jit(lambda x, w: cpu_kernels.conv(x, w, (1, 1), ((1, 1), (1, 1))))(x, w)
+    with pytest.raises(Exception, match="the addend must match the output"):
+        jax.jit(lambda x, w, a: cpu_kernels.conv(x, w, (1, 1), ((1, 1), (1, 1)), a))(
+            x, jnp.ones((3, 3, 16, lanes)), jnp.ones((1, 4, 4, lanes // 2)))
     g = jnp.ones((1, 4, 4, 16))
     with pytest.raises(Exception, match="Ci a multiple of the vector width"):
         jax.jit(lambda g, w: cpu_kernels.input_gradient(
