@@ -218,6 +218,9 @@ def test_generic_layers_take_the_gather_kernel_where_their_channels_fit(
         assert onednn_calls == (1 - calls[0]) + (1 - calls[1]) * (1 if strides == (1, 1) else 4)
     # Where the kernel takes every pass, nothing is stored for the backward pass.
     assert (" conditional(" in hlo) == (onednn_setting == "off" and calls != (1, 1))
+    # GPUs and TPUs never see the calls (`lax.platform_dependent`).
+    module = export.export(grad, platforms=["cuda"])(x, w).mlir_module()
+    assert cpu_kernels.CONV not in module and cpu_kernels.INPUT_GRADIENT not in module
     monkeypatch.setenv(cpu_kernels.ENV, "off")
     hlo = jax.jit(jax.grad(ours, (0, 1))).lower(x, w).compile().as_text()
     assert _calls(hlo, cpu_kernels.CONV, cpu_kernels.INPUT_GRADIENT) == [0, 0]
