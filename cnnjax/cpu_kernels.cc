@@ -388,6 +388,36 @@ struct RowJob {
   int64_t ntaps, ci, co, in_step, out_step, pixels;
 };
 
+// Writes a tile's sums acc to output pixels [p0, p0 + P) x channels [o0, o0 + V * lanes), plus
+// the addend where there is one.
+template <int P, int V>
+inline void StoreTile(const RowJob& r, const vw (&acc)[P][V], int64_t p0, int64_t o0) {
+  constexpr int L = sizeof(vw) / sizeof(float);
+  for (int p = 0; p < P; ++p) {
+    const int64_t at = (p0 + p) * r.out_step + o0;
+    for (int v = 0; v < V; ++v) {
+      vw value = acc[p][v];
+      if (r.add) value += Load<vw>(r.add + at + L * v);
+      Store(r.out + at + L * v, value);
+    }
+  }
+}
+
+// tile(p0, p, o0) over a row in near-equal tiles of p <= PM pixels, for each block of V vectors of
+// output channels.
+template <int V, int PM, typename Tile>
+inline void RowTiles(const RowJob& r, const Tile& tile) {
+  constexpr int L = sizeof(vw) / sizeof(float);
+  const int64_t tiles = CeilDiv(r.pixels, PM);
+  for (int64_t o0 = 0; o0 < r.co; o0 += V * L) {
+    for (int64_t t = 0, p0 = 0; t < tiles; ++t) {
+      const int64_t p = (r.pixels - p0) / (tiles - t);
+      tile(p0, p, o0);
+      p0 += p;
+    }
+  }
+}
+
 // Output pixels [p0, p0 + P) x channels [o0, o0 + V * lanes) of a row, summed over its taps. CI
 // and S fix the input channels and the input pixel step (CI * S) where they are not 0, so the P
 // input reads of a channel are one pointer plus constant offsets.
@@ -414,14 +444,7 @@ void GatherTile(const RowJob& r, int64_t p0, int64_t o0) {
       }
     }
   }
-  for (int p = 0; p < P; ++p) {
-    const int64_t at = (p0 + p) * r.out_step + o0;
-    for (int v = 0; v < V; ++v) {
-      vw value = acc[p][v];
-      if (r.add) value += Load<vw>(r.add + at + L * v);
-      Store(r.out + at + L * v, value);
-    }
-  }
+  StoreTile<P, V>(r, acc, p0, o0);
 }
 
 // Where the taps come in triples of neighbouring input pixels (a 3-wide kernel row at stride 1),
@@ -463,14 +486,7 @@ void GatherTriples(const RowJob& r, int64_t p0, int64_t o0) {
       }
     }
   }
-  for (int p = 0; p < P; ++p) {
-    const int64_t at = (p0 + p) * r.out_step + o0;
-    for (int v = 0; v < V; ++v) {
-      vw value = acc[p][v];
-      if (r.add) value += Load<vw>(r.add + at + L * v);
-      Store(r.out + at + L * v, value);
-    }
-  }
+  StoreTile<P, V>(r, acc, p0, o0);
 }
 
 template <int V, int CI, int P>
@@ -483,16 +499,10 @@ void GatherTriplesOf(int64_t p, const RowJob& r, int64_t p0, int64_t o0) {
 
 template <int V, int CI>
 void GatherTriplesRow(const RowJob& r) {
-  constexpr int L = sizeof(vw) / sizeof(float);
   constexpr int PM = TriplePixels<V>();
-  const int64_t tiles = CeilDiv(r.pixels, PM);
-  for (int64_t o0 = 0; o0 < r.co; o0 += V * L) {
-    for (int64_t t = 0, p0 = 0; t < tiles; ++t) {
-      const int64_t p = (r.pixels - p0) / (tiles - t);
-      GatherTriplesOf<V, CI, PM>(p, r, p0, o0);
-      p0 += p;
-    }
-  }
+  RowTiles<V, PM>(r, [&](int64_t p0, int64_t p, int64_t o0) {
+    GatherTriplesOf<V, CI, PM>(p, r, p0, o0);
+  });
 }
 
 // Whether every tap is in a triple of neighbouring input pixels, in order.
@@ -517,16 +527,10 @@ void GatherTileOf(int64_t p, const RowJob& r, int64_t p0, int64_t o0) {
 // vectors of output channels.
 template <int V, int CI, int S>
 void GatherRowOf(const RowJob& r) {
-  constexpr int L = sizeof(vw) / sizeof(float);
   constexpr int PM = kAccumulators / V;
-  const int64_t tiles = CeilDiv(r.pixels, PM);
-  for (int64_t o0 = 0; o0 < r.co; o0 += V * L) {
-    for (int64_t t = 0, p0 = 0; t < tiles; ++t) {
-      const int64_t p = (r.pixels - p0) / (tiles - t);
-      GatherTileOf<V, CI, S, PM>(p, r, p0, o0);
-      p0 += p;
-    }
-  }
+  RowTiles<V, PM>(r, [&](int64_t p0, int64_t p, int64_t o0) {
+    GatherTileOf<V, CI, S, PM>(p, r, p0, o0);
+  });
 }
 
 template <int V>
