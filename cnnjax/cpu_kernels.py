@@ -212,9 +212,15 @@ def norm_act_backward(x: Array, out: Array, g: Array, mean: Array, inv: Array, s
 
 def _check_norm_act(rng: np.random.Generator) -> None:
     """norm_act with a residual and ReLU, and its gradient, against autodiff of the formula on 12
-    channels (a tile that is not a whole number of vectors); raises RuntimeError if they differ."""
-    x, r, g = (rng.standard_normal((2, 5, 3, 12), np.float32) for _ in range(3))
-    scale, bias, g_mean, g_var = rng.standard_normal((4, 12), np.float32)
+    channels (a tile that is not a whole number of vectors) and on two vectors of channels (the
+    sums in registers) over 30 rows; raises RuntimeError if they differ."""
+    for c in (12, 2 * vector_floats()):
+        _check_norm_act_on(rng, (2, 5, 3, c))
+
+
+def _check_norm_act_on(rng: np.random.Generator, shape: tuple[int, ...]) -> None:
+    x, r, g = (rng.standard_normal(shape, np.float32) for _ in range(3))
+    scale, bias, g_mean, g_var = rng.standard_normal((4, shape[-1]), np.float32)
 
     def formula(x, scale, bias, r):
         mean = x.mean((0, 1, 2))
