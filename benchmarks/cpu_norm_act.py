@@ -3,7 +3,8 @@
 Two parts, both in one process:
 
 - the batch norms of a CIFAR ResNet's three stages (16, 32 and 64 channels at the image size, half
-  and a quarter of it; forward with a residual and ReLU, then backward):
+  and a quarter of it; forward with a residual and ReLU, then backward, and backward without the
+  residual, where the kernel takes the ReLU's mask from x):
   the native kernels (`cpu_kernels.norm_act`, `norm_act_backward`) against the same formulas as
   XLA compiles them in the engine's small-model CPU steps (blocked sums, no YNNPACK fusions);
 - the whole train step, compiled twice (the native op on, and off: `batchnorm._native` patched to
@@ -50,7 +51,12 @@ def layer_times(shape: tuple[int, ...]) -> dict[str, float]:
     inv = jax.lax.rsqrt(var + 1e-5)
     native_fwd = jax.jit(lambda x, r: cpu_kernels.norm_act(x, scale, bias, r, 1e-5, True))
     native_bwd = jax.jit(lambda x, out, g: cpu_kernels.norm_act_backward(
-        x, out, g, mean, inv, scale, zero, zero, relu=True, residual=True))
+        x, out, g, mean, inv, scale, bias, zero, zero, relu=True, residual=True))
+    # Without a residual (a block's first batch norm) the kernel takes the ReLU's mask from x.
+    out1, mean1, var1 = cpu_kernels.norm_act(x, scale, bias, None, 1e-5, True)
+    inv1 = jax.lax.rsqrt(var1 + 1e-5)
+    native_bwd1 = jax.jit(lambda x, out, g: cpu_kernels.norm_act_backward(
+        x, out, g, mean1, inv1, scale, bias, zero, zero, relu=True, residual=False))
     with batchnorm.blocked_sums():
         xla_fwd = jax.jit(lambda x, r: batchnorm._norm_act_xla(x, scale, bias, r, 1e-5, True),
                           compiler_options=xla_options.CPU_OPTIONS)
@@ -59,11 +65,18 @@ def layer_times(shape: tuple[int, ...]) -> dict[str, float]:
             masked = jnp.where(out > 0, g, 0.0)
             return batchnorm._input_gradient(x, masked, mean, inv, scale, zero, zero) + (masked,)
 
+        def backward1(x, out, g):
+            masked = jnp.where(out > 0, g, 0.0)
+            return batchnorm._input_gradient(x, masked, mean1, inv1, scale, zero, zero)
+
         xla_bwd = jax.jit(backward, compiler_options=xla_options.CPU_OPTIONS)
+        xla_bwd1 = jax.jit(backward1, compiler_options=xla_options.CPU_OPTIONS)
     return {"native_forward_ms": _median_ms(native_fwd, x, r),
             "xla_forward_ms": _median_ms(xla_fwd, x, r),
             "native_backward_ms": _median_ms(native_bwd, x, out, g),
-            "xla_backward_ms": _median_ms(xla_bwd, x, out, g)}
+            "xla_backward_ms": _median_ms(xla_bwd, x, out, g),
+            "native_backward_no_residual_ms": _median_ms(native_bwd1, x, out1, g),
+            "xla_backward_no_residual_ms": _median_ms(xla_bwd1, x, out1, g)}
 
 
 def step_times(model: str, batch_size: int, image_size: int, rounds: int) -> dict[str, list[float]]:
@@ -113,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, t in layers.items():
         print(f"{name}: forward native {t['native_forward_ms']:.2f} ms, XLA "
               f"{t['xla_forward_ms']:.2f} ms; backward native {t['native_backward_ms']:.2f} ms, "
-              f"XLA {t['xla_backward_ms']:.2f} ms")
+              f"XLA {t['xla_backward_ms']:.2f} ms; without residual {t['native_backward_no_residual_ms']:.2f}"
+              f" ms, XLA {t['xla_backward_no_residual_ms']:.2f} ms")
     steps = step_times(args.model, args.batch_size, args.image_size, args.rounds)
     for name, values in steps.items():
         print(f"{args.model} b{args.batch_size} train step, {name}: median "

@@ -149,23 +149,24 @@ def _norm_act_fwd(x, scale, bias, residual, epsilon, relu, has_residual):
     args = (x, scale, bias) + (() if residual is None else (residual,))
     out, mean, var = lax.platform_dependent(*args, cpu=native, default=xla)
     inv = lax.rsqrt(var + epsilon)
-    return (out, mean, var), (x, out, mean, inv, scale)
+    return (out, mean, var), (x, out, mean, inv, scale, bias)
 
 
 def _norm_act_bwd(epsilon, relu, has_residual, residuals, cotangents):
     del epsilon
-    x, out, mean, inv, scale = residuals
+    x, out, mean, inv, scale, bias = residuals
     g, g_mean, g_var = cotangents
 
     def native(*args):
         return cpu_kernels.norm_act_backward(*args, relu=relu, residual=has_residual)
 
-    def xla(x, out, g, mean, inv, scale, g_mean, g_var):
+    def xla(x, out, g, mean, inv, scale, bias, g_mean, g_var):
+        del bias  # the native kernel's, for the ReLU's mask
         masked = jnp.where(out > 0, g, 0.0) if relu else g
         grads = _input_gradient(x, masked, mean, inv, scale, g_mean, g_var)
         return grads + ((masked,) if relu and has_residual else ())
 
-    grads = lax.platform_dependent(x, out, g, mean, inv, scale, g_mean, g_var, cpu=native,
+    grads = lax.platform_dependent(x, out, g, mean, inv, scale, bias, g_mean, g_var, cpu=native,
                                    default=xla)
     g_residual = (grads[3] if relu else g) if has_residual else None
     return grads[0], grads[1], grads[2], g_residual

@@ -964,12 +964,16 @@ ffi::Error NormActForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 //   dL/dx = scale * inv * (m - (dL/dbias + x_hat * dL/dscale) / rows)
 //           + (g_mean + 2 g_var (x - mean)) / rows,
 // and dL/dresidual = m, stored in pass 1 when `rest` has a buffer for it (ReLU with a residual).
+// Without a residual the ReLU's mask is taken from x, as (x - mean) * (scale * inv) + bias > 0,
+// in both passes, and `out` is not read: two of the seven passes over [rows, C] arrays fewer (out
+// is the pre-activation's ReLU; the two differ only where rounding puts it within an ulp of 0).
 ffi::Error NormActBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> out,
                            ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> mean,
                            ffi::Buffer<ffi::F32> inv, ffi::Buffer<ffi::F32> scale,
-                           ffi::Buffer<ffi::F32> g_mean, ffi::Buffer<ffi::F32> g_var,
-                           ffi::ResultBuffer<ffi::F32> g_x, ffi::ResultBuffer<ffi::F32> g_scale,
-                           ffi::ResultBuffer<ffi::F32> g_bias, ffi::RemainingRets rest, bool relu) {
+                           ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> g_mean,
+                           ffi::Buffer<ffi::F32> g_var, ffi::ResultBuffer<ffi::F32> g_x,
+                           ffi::ResultBuffer<ffi::F32> g_scale, ffi::ResultBuffer<ffi::F32> g_bias,
+                           ffi::RemainingRets rest, bool relu) {
   int64_t rows, c;
   float* g_res = nullptr;
   if (rest.size() == 1) {
@@ -981,29 +985,47 @@ ffi::Error NormActBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   if (!RowsOf(x.dimensions(), x.element_count(), &rows, &c) ||
       g.element_count() != x.element_count() || out.element_count() != x.element_count() ||
       mean.element_count() != c || inv.element_count() != c || scale.element_count() != c ||
-      g_mean.element_count() != c || g_var.element_count() != c || rest.size() > 1)
+      bias.element_count() != c || g_mean.element_count() != c || g_var.element_count() != c ||
+      rest.size() > 1)
     return ffi::Error::InvalidArgument(
-        "cnnjax batch norm gradient: expects x, out, g [..., C], and mean, inv, scale, g_mean, "
-        "g_var [C]");
+        "cnnjax batch norm gradient: expects x, out, g [..., C], and mean, inv, scale, bias, "
+        "g_mean, g_var [C]");
   const Rows r = Split(rows, c, Threads(pool, rows));
   const float *xd = x.typed_data(), *od = out.typed_data(), *gd = g.typed_data();
+  const bool mask_from_x = relu && !g_res;
   const std::vector<float> m(mean.typed_data(), mean.typed_data() + c);
+  std::vector<float> f(c);  // the forward pass's factor scale * inv, in float
+  for (int64_t k = 0; k < c; ++k) f[k] = scale.typed_data()[k] * inv.typed_data()[k];
+  const std::vector<float> bs(bias.typed_data(), bias.typed_data() + c);
+  const std::vector<float> mt = Tiled(m, r.tile), ft = Tiled(f, r.tile), bt = Tiled(bs, r.tile);
   // Sums of the masked gradient and of it times x - mean, storing it as dL/dresidual where asked.
   std::vector<double> s;
   if (VectorRows(c)) {
     constexpr int L = sizeof(vw) / sizeof(float);
-    vw mv[4] = {};
-    for (int64_t v = 0; v < c / L; ++v) mv[v] = Load<vw>(m.data() + v * L);
-    s = VectorSums(pool, r, [=, &mv](int64_t i, int v, vw& a, vw& b) {
+    vw mv[4] = {}, fv[4] = {}, bv[4] = {};
+    for (int64_t v = 0; v < c / L; ++v) {
+      mv[v] = Load<vw>(m.data() + v * L);
+      fv[v] = Load<vw>(f.data() + v * L);
+      bv[v] = Load<vw>(bs.data() + v * L);
+    }
+    s = VectorSums(pool, r, [=, &mv, &fv, &bv](int64_t i, int v, vw& a, vw& b) {
       a = Load<vw>(gd + i);
-      if (relu) a = Load<vw>(od + i) > 0.f ? a : vw{};
-      if (g_res) Store(g_res + i, a);
       b = Load<vw>(xd + i) - mv[v];
+      if (mask_from_x) {
+        a = b * fv[v] + bv[v] > 0.f ? a : vw{};
+      } else if (relu) {
+        a = Load<vw>(od + i) > 0.f ? a : vw{};
+      }
+      if (g_res) Store(g_res + i, a);
     });
   } else {
-    s = Sums(pool, r, xd, m, [=](int64_t i, int64_t len, float* a) {
-      const float *__restrict__ gi = gd + i, *__restrict__ oi = od + i;
-      if (relu) {
+    s = Sums(pool, r, xd, m, [&](int64_t i, int64_t len, float* a) {
+      const float *__restrict__ gi = gd + i, *__restrict__ oi = od + i, *__restrict__ xi = xd + i;
+      const float *__restrict__ mi = mt.data(), *__restrict__ fi = ft.data(),
+                  *__restrict__ bi = bt.data();
+      if (mask_from_x) {
+        for (int64_t j = 0; j < len; ++j) a[j] = (xi[j] - mi[j]) * fi[j] + bi[j] > 0.f ? gi[j] : 0.f;
+      } else if (relu) {
         for (int64_t j = 0; j < len; ++j) a[j] = oi[j] > 0.f ? gi[j] : 0.f;
       } else {
         std::memcpy(a, gi, len * sizeof(float));
@@ -1021,18 +1043,19 @@ ffi::Error NormActBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
     q[k] = static_cast<float>((2.0 * g_var.typed_data()[k] - sc * iv * iv * sum_g_xhat) / rows);
     t[k] = static_cast<float>((g_mean.typed_data()[k] - sc * iv * sum_g) / rows);
   }
-  const std::vector<float> mt = Tiled(m, r.tile), pt = Tiled(p, r.tile), qt = Tiled(q, r.tile),
-                           tt = Tiled(t, r.tile);
+  const std::vector<float> pt = Tiled(p, r.tile), qt = Tiled(q, r.tile), tt = Tiled(t, r.tile);
   float* gx = g_x->typed_data();
   Elementwise(pool, r, [&](int64_t i, int64_t len) {
-    const float *__restrict__ xi = xd + i, *__restrict__ gi = (g_res ? g_res : gd) + i,
-                *__restrict__ oi = od + i;
+    const float *__restrict__ xi = xd + i, *__restrict__ gi = (g_res ? g_res : gd) + i;
     const float *__restrict__ mi = mt.data(), *__restrict__ pi = pt.data(),
-                *__restrict__ qi = qt.data(), *__restrict__ ti = tt.data();
+                *__restrict__ qi = qt.data(), *__restrict__ ti = tt.data(),
+                *__restrict__ fi = ft.data(), *__restrict__ bi = bt.data();
     float* __restrict__ o = gx + i;
-    if (relu && !g_res) {
-      for (int64_t j = 0; j < len; ++j)
-        o[j] = (oi[j] > 0.f ? gi[j] : 0.f) * pi[j] + (xi[j] - mi[j]) * qi[j] + ti[j];
+    if (mask_from_x) {
+      for (int64_t j = 0; j < len; ++j) {
+        const float centred = xi[j] - mi[j];
+        o[j] = (centred * fi[j] + bi[j] > 0.f ? gi[j] : 0.f) * pi[j] + centred * qi[j] + ti[j];
+      }
     } else {
       for (int64_t j = 0; j < len; ++j) o[j] = gi[j] * pi[j] + (xi[j] - mi[j]) * qi[j] + ti[j];
     }
@@ -1075,6 +1098,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxNormActBackward, NormActBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // mean
                                   .Arg<ffi::Buffer<ffi::F32>>()  // inv = 1 / sqrt(var + eps)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
                                   .Arg<ffi::Buffer<ffi::F32>>()  // g_mean
                                   .Arg<ffi::Buffer<ffi::F32>>()  // g_var
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dL/dx

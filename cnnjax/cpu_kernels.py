@@ -199,15 +199,18 @@ def norm_act(x: Array, scale: Array, bias: Array, residual: Array | None, epsilo
 
 
 def norm_act_backward(x: Array, out: Array, g: Array, mean: Array, inv: Array, scale: Array,
-                      g_mean: Array, g_var: Array, relu: bool, residual: bool) -> tuple[Array, ...]:
+                      bias: Array, g_mean: Array, g_var: Array, relu: bool,
+                      residual: bool) -> tuple[Array, ...]:
     """The gradient of `norm_act` from dL/dout = g and the statistics' cotangents: (dL/dx,
-    dL/dscale, dL/dbias), plus dL/dresidual when `relu` and `residual` (without the ReLU it is g)."""
+    dL/dscale, dL/dbias), plus dL/dresidual when `relu` and `residual` (without the ReLU it is g).
+    With the ReLU and no residual the mask comes from x, mean, scale * inv and bias (`out` is not
+    read: two passes over the activation fewer)."""
     _register()
     stat = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
     full = jax.ShapeDtypeStruct(x.shape, jnp.float32)
     results = (full, stat, stat) + ((full,) if relu and residual else ())
     call = jax.ffi.ffi_call(NORM_ACT_BACKWARD, results)
-    return call(x, out, g, mean, inv, scale, g_mean, g_var, relu=bool(relu))
+    return call(x, out, g, mean, inv, scale, bias, g_mean, g_var, relu=bool(relu))
 
 
 def _check_norm_act(rng: np.random.Generator) -> None:
@@ -231,8 +234,8 @@ def _check_norm_act_on(rng: np.random.Generator, shape: tuple[int, ...]) -> None
     def both(x, scale, bias, r, g, g_mean, g_var):
         expected, vjp = jax.vjp(formula, x, scale, bias, r)
         out, mean, var = norm_act(x, scale, bias, r, 1e-5, relu=True)
-        grads = norm_act_backward(x, out, g, mean, jax.lax.rsqrt(var + 1e-5), scale, g_mean,
-                                  g_var, relu=True, residual=True)
+        grads = norm_act_backward(x, out, g, mean, jax.lax.rsqrt(var + 1e-5), scale, bias,
+                                  g_mean, g_var, relu=True, residual=True)
         return (out, mean, var, *grads), (*expected, *vjp((g, g_mean, g_var)))
 
     ours, expected = run_apart_on_cpu(both, x, scale, bias, r, g, g_mean, g_var)

@@ -106,7 +106,7 @@ def test_norm_act_matches_autodiff_of_its_formula(shape, relu, has_residual):
     chex.assert_trees_all_close((out, mean, var), expected, atol=1e-5, rtol=1e-5)
     inv = lax.rsqrt(var + 1e-5)
     grads = jax.jit(lambda *a: cpu_kernels.norm_act_backward(
-        *a, relu=relu, residual=has_residual))(x, out, g, mean, inv, scale, g_mean, g_var)
+        *a, relu=relu, residual=has_residual))(x, out, g, mean, inv, scale, bias, g_mean, g_var)
     want = vjp((g, g_mean, g_var))
     chex.assert_trees_all_close(grads[:3], want[:3], atol=1e-4, rtol=1e-4)
     # dL/dresidual comes back only where it is not g itself: with the ReLU and a residual.
