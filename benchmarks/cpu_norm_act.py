@@ -126,8 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     for name, t in layers.items():
         print(f"{name}: forward native {t['native_forward_ms']:.2f} ms, XLA "
               f"{t['xla_forward_ms']:.2f} ms; backward native {t['native_backward_ms']:.2f} ms, "
-              f"XLA {t['xla_backward_ms']:.2f} ms; without residual {t['native_backward_no_residual_ms']:.2f}"
-              f" ms, XLA {t['xla_backward_no_residual_ms']:.2f} ms")
+              f"XLA {t['xla_backward_ms']:.2f} ms; without residual "
+              f"{t['native_backward_no_residual_ms']:.2f} ms, XLA "
+              f"{t['xla_backward_no_residual_ms']:.2f} ms")
     steps = step_times(args.model, args.batch_size, args.image_size, args.rounds)
     for name, values in steps.items():
         print(f"{args.model} b{args.batch_size} train step, {name}: median "

@@ -965,8 +965,9 @@ ffi::Error NormActForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 //           + (g_mean + 2 g_var (x - mean)) / rows,
 // and dL/dresidual = m, stored in pass 1 when `rest` has a buffer for it (ReLU with a residual).
 // Without a residual the ReLU's mask is taken from x, as (x - mean) * (scale * inv) + bias > 0,
-// in both passes, and `out` is not read: two of the seven passes over [rows, C] arrays fewer (out
-// is the pre-activation's ReLU; the two differ only where rounding puts it within an ulp of 0).
+// in both passes, and `out` is not read: two of the seven passes over [rows, C] arrays fewer. It
+// can differ from out > 0 only where rounding puts the pre-activation within an ulp of 0 (the
+// forward pass's factor is scale / sqrt(var + eps) in double, this one scale * inv in float).
 ffi::Error NormActBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> out,
                            ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> mean,
                            ffi::Buffer<ffi::F32> inv, ffi::Buffer<ffi::F32> scale,
@@ -1024,7 +1025,8 @@ ffi::Error NormActBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
       const float *__restrict__ mi = mt.data(), *__restrict__ fi = ft.data(),
                   *__restrict__ bi = bt.data();
       if (mask_from_x) {
-        for (int64_t j = 0; j < len; ++j) a[j] = (xi[j] - mi[j]) * fi[j] + bi[j] > 0.f ? gi[j] : 0.f;
+        for (int64_t j = 0; j < len; ++j)
+          a[j] = (xi[j] - mi[j]) * fi[j] + bi[j] > 0.f ? gi[j] : 0.f;
       } else if (relu) {
         for (int64_t j = 0; j < len; ++j) a[j] = oi[j] > 0.f ? gi[j] : 0.f;
       } else {

@@ -81,12 +81,14 @@ def _norm_act_formula(x, scale, bias, residual, relu):
 # vector), 16 (a 256-float tile), 64 over 8192 rows (several chunks per thread and sum blocks).
 # With AVX-512, 16 to 64 channels take the sums in registers (`VectorSums`: 1 to 4 vectors a row,
 # 4, 2 or 1 rows at a time): 105 rows of 16 leave a tail of rows, 32 and 48 are 2 and 3 vectors;
-# 128 (8 vectors) takes the tiles.
+# 128 (8 vectors) takes the tiles. With the ReLU and no residual the backward takes its mask from
+# x (16 and 48 channels in registers, 100 in tiles).
 NORM_ACT_CASES = [((3, 5, 7, 12), True, True), ((3, 5, 7, 12), False, True),
                   ((2, 4, 4, 16), True, False), ((2, 4, 4, 16), False, False),
                   ((4, 3, 3, 100), True, True), ((128, 8, 8, 64), True, True),
                   ((3, 5, 7, 16), True, True), ((2, 9, 9, 32), False, True),
-                  ((2, 5, 6, 48), True, False), ((2, 4, 4, 128), True, True)]
+                  ((2, 5, 6, 48), True, False), ((2, 4, 4, 128), True, True),
+                  ((4, 3, 3, 100), True, False)]
 
 
 @needs_native
