@@ -15,6 +15,7 @@ from jax import lax
 
 from cnnjax.batchnorm import BatchNorm
 from cnnjax.cpu_conv import conv_general_dilated, conv_passing_input
+from cnnjax.cpu_rewrites import cpu_rewrites_enabled
 from cnnjax.padding import PaddingLike, explicit_padding, pad_pairs, pair
 
 Array = jax.Array
@@ -191,8 +192,8 @@ def tanh(x: Array) -> Array:
     Why: the expm1 form ran 1.7x as fast as XLA:CPU's tanh and closer to float64's (LeNet-5's C3
     activation, 128x10x10x16 with its bias add, 2-core CPU: 0.17 against 0.29 ms, largest error
     1.5e-7 against 2.3e-7; lenet5's train step 1.04x; benchmarks/RESULTS.md). The derivative is
-    1 - tanh(x)^2 from the output, as jnp.tanh's."""
-    if x.dtype != jnp.float32:
+    1 - tanh(x)^2 from the output, as jnp.tanh's. `CNNJAX_CPU_REWRITES=off` keeps jnp.tanh."""
+    if x.dtype != jnp.float32 or not cpu_rewrites_enabled():
         return jnp.tanh(x)
     return lax.platform_dependent(x, cpu=_tanh_expm1, default=jnp.tanh)
 

@@ -103,7 +103,7 @@ def test_activations_by_name(name):
         chex.assert_trees_all_close(y, jnp.tanh(x))
 
 
-def test_tanh_on_cpu_is_the_expm1_form_and_as_accurate_as_xlas():
+def test_tanh_on_cpu_is_the_expm1_form_and_as_accurate_as_xlas(monkeypatch):
     # Across tanh's range, past its saturation, at the signed zeros and the non-finite values.
     x = np.concatenate([np.linspace(-12, 12, 20001), [0.0, -0.0, 1e-30, np.inf, -np.inf, np.nan]]
                        ).astype(np.float32)
@@ -119,6 +119,8 @@ def test_tanh_on_cpu_is_the_expm1_form_and_as_accurate_as_xlas():
     assert "stablehlo.tanh" in jax.jit(layers.tanh).lower(x.astype(jnp.bfloat16)).as_text()
     gpu = jax.export.export(jax.jit(layers.tanh), platforms=["cuda"])(x).mlir_module()
     assert "stablehlo.tanh" in gpu and "exponential_minus_one" not in gpu
+    monkeypatch.setenv("CNNJAX_CPU_REWRITES", "off")  # the CPU forms' opt-out
+    assert "stablehlo.tanh" in jax.jit(layers.tanh).lower(x).as_text()
 
 
 def test_unknown_activation_lists_close_matches():
