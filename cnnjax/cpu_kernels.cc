@@ -968,6 +968,13 @@ ffi::Error NormActForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 // in both passes, and `out` is not read: two of the seven passes over [rows, C] arrays fewer. It
 // can differ from out > 0 only where rounding puts the pre-activation within an ulp of 0 (the
 // forward pass's factor is scale / sqrt(var + eps) in double, this one scale * inv in float).
+// The ReLU's mask from the centred input x - mean, the factor scale * inv and the bias (a float
+// or a vector of them): one expression for both of NormActBackward's passes, so they agree.
+template <typename T>
+inline auto PreActivationPositive(T centred, T factor, T bias) {
+  return centred * factor + bias > 0.f;
+}
+
 ffi::Error NormActBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> out,
                            ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> mean,
                            ffi::Buffer<ffi::F32> inv, ffi::Buffer<ffi::F32> scale,
@@ -1013,7 +1020,7 @@ ffi::Error NormActBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
       a = Load<vw>(gd + i);
       b = Load<vw>(xd + i) - mv[v];
       if (mask_from_x) {
-        a = b * fv[v] + bv[v] > 0.f ? a : vw{};
+        a = PreActivationPositive(b, fv[v], bv[v]) ? a : vw{};
       } else if (relu) {
         a = Load<vw>(od + i) > 0.f ? a : vw{};
       }
@@ -1026,7 +1033,7 @@ ffi::Error NormActBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
                   *__restrict__ bi = bt.data();
       if (mask_from_x) {
         for (int64_t j = 0; j < len; ++j)
-          a[j] = (xi[j] - mi[j]) * fi[j] + bi[j] > 0.f ? gi[j] : 0.f;
+          a[j] = PreActivationPositive(xi[j] - mi[j], fi[j], bi[j]) ? gi[j] : 0.f;
       } else if (relu) {
         for (int64_t j = 0; j < len; ++j) a[j] = oi[j] > 0.f ? gi[j] : 0.f;
       } else {
@@ -1056,7 +1063,8 @@ ffi::Error NormActBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
     if (mask_from_x) {
       for (int64_t j = 0; j < len; ++j) {
         const float centred = xi[j] - mi[j];
-        o[j] = (centred * fi[j] + bi[j] > 0.f ? gi[j] : 0.f) * pi[j] + centred * qi[j] + ti[j];
+        const float masked = PreActivationPositive(centred, fi[j], bi[j]) ? gi[j] : 0.f;
+        o[j] = masked * pi[j] + centred * qi[j] + ti[j];
       }
     } else {
       for (int64_t j = 0; j < len; ++j) o[j] = gi[j] * pi[j] + (xi[j] - mi[j]) * qi[j] + ti[j];
