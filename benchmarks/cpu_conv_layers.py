@@ -1,12 +1,15 @@
 """CPU benchmark: resnet20's convolutions, one layer at a time, cnnjax's kernels against torch's.
 
 For each 3x3 layer shape of a CIFAR ResNet at batch B (16, 32 and 64 channels, and the stride-2
-layer that opens stage 2), in one process:
+layer that opens stage 2; `--layers lenet5`: LeNet-5's C3; `--layers narrow`: layers of 1 to 12
+input channels, which the gather kernel's generic loop and dot tiles take or leave), in one
+process:
 
 - forward: the call cnnjax's train step makes, `cpu_kernels.conv` (the gather kernel) where the
   layer's channels fit it, else `onednn.conv` (jaxlib's `__onednn$convolution` call), against
   torch's `conv2d`;
-- input gradient: likewise `cpu_kernels.input_gradient` (one call at any stride), else
+- input gradient: likewise `cpu_kernels.input_gradient` (one call at any stride; dot tiles for at
+  most 8 input channels), else
   `onednn.input_gradient` (stride 1) or `onednn.strided_input_gradient` (one stride-1 call per
   input phase), against torch's `convolution_backward` for the input;
 - weight gradient: `cpu_kernels.weight_gradient` (cnnjax/cpu_kernels.cc) against torch's
@@ -17,7 +20,8 @@ or on `--threads N` cores (the process pinned to the first N, torch on N threads
 (each call of the six, five times, then the next; six rounds) after one warm-up; medians of the
 rounds, in milliseconds.
 
-    python benchmarks/cpu_conv_layers.py --batch-size 128 [--kernels onednn] [--out FILE.json]
+    python benchmarks/cpu_conv_layers.py --batch-size 128 [--layers lenet5|narrow] \
+        [--kernels onednn] [--out FILE.json]
 
 `--kernels onednn` times oneDNN's calls for the forward pass and the input gradient instead, where
 the gather kernel would take them (what cnnjax ran before it).
@@ -67,12 +71,15 @@ def _alternating_ms(calls: dict[str, Callable[[], Any]], rounds: int = 6,
 
 
 def layer(batch: int, size: int, cin: int, cout: int, stride: int, torch,
-          side: str = "both", kernels: str = "cnnjax") -> dict[str, float]:
+          side: str = "both", kernels: str = "cnnjax", kernel: int = 3) -> dict[str, float]:
+    """One layer's six calls: a 3x3 kernel with padding 1 (SAME), a 5x5 one without (VALID, as
+    LeNet-5's)."""
     rng = np.random.default_rng(0)
-    pads = ((1, 1), (1, 1))
+    pad = 1 if kernel == 3 else 0
+    pads = ((pad, pad), (pad, pad))
     x = rng.standard_normal((batch, size, size, cin), np.float32)
-    w = rng.standard_normal((3, 3, cin, cout), np.float32)
-    out = size // stride
+    w = rng.standard_normal((kernel, kernel, cin, cout), np.float32)
+    out = (size + 2 * pad - kernel) // stride + 1
     g = rng.standard_normal((batch, out, out, cout), np.float32)
     strides = (stride, stride)
     gather = kernels == "cnnjax"
@@ -80,14 +87,15 @@ def layer(batch: int, size: int, cin: int, cout: int, stride: int, torch,
         forward = jax.jit(lambda x, w: cpu_kernels.conv(x, w, strides, pads))
     else:
         forward = jax.jit(lambda x, w: onednn.conv(x, w, strides, pads))
-    if gather and cpu_kernels.conv_fits(cout, cin, x.size):
+    if gather and cpu_kernels.input_gradient_fits(cin, cout, x.size):
         input_grad = jax.jit(lambda g, w: cpu_kernels.input_gradient(g, w, x.shape, strides, pads))
     elif stride == 1:
         input_grad = jax.jit(lambda g, w: onednn.input_gradient(g, w, pads))
     else:
         input_grad = jax.jit(lambda g, w: onednn.strided_input_gradient(
             g, w, x.shape, strides, pads))
-    weight_grad = jax.jit(lambda x, g: cpu_kernels.weight_gradient(x, g, (3, 3), strides, pads))
+    weight_grad = jax.jit(lambda x, g: cpu_kernels.weight_gradient(x, g, (kernel, kernel),
+                                                                   strides, pads))
 
     def nchw(a):  # an NHWC array as torch's NCHW tensor in channels_last memory
         return torch.from_numpy(a).permute(0, 3, 1, 2)
@@ -97,12 +105,12 @@ def layer(batch: int, size: int, cin: int, cout: int, stride: int, torch,
 
     def backward(mask):
         return lambda: torch.ops.aten.convolution_backward(
-            tg, tx, tw, None, [stride] * 2, [1, 1], [1, 1], False, [0, 0], 1, mask)
+            tg, tx, tw, None, [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], 1, mask)
 
     x, w, g = (jax.device_put(a) for a in (x, w, g))  # on the device once, not per call
     calls = {
         "cnnjax_forward_ms": lambda: forward(x, w),
-        "torch_forward_ms": lambda: torch.nn.functional.conv2d(tx, tw, None, stride, 1),
+        "torch_forward_ms": lambda: torch.nn.functional.conv2d(tx, tw, None, stride, pad),
         "cnnjax_input_gradient_ms": lambda: input_grad(g, w),
         "torch_input_gradient_ms": backward([True, False, False]),
         "cnnjax_weight_gradient_ms": lambda: weight_grad(x, g),
@@ -114,10 +122,24 @@ def layer(batch: int, size: int, cin: int, cout: int, stride: int, torch,
         return _alternating_ms(calls)
 
 
+# --layers: (image size, input channels, output channels, stride, kernel) from --image-size.
+LAYERS = {
+    "resnet20": lambda s: [(s, 16, 16, 1, 3), (s // 2, 32, 32, 1, 3), (s // 4, 64, 64, 1, 3),
+                           (s, 16, 32, 2, 3), (s // 2, 32, 64, 2, 3)],
+    "lenet5": lambda s: [(14, 6, 16, 1, 5)],
+    "narrow": lambda s: [(28, 1, 32, 1, 3), (28, 1, 32, 1, 5), (28, 2, 32, 1, 3), (32, 4, 64, 1, 3),
+                         (14, 4, 16, 1, 5), (14, 6, 16, 1, 5), (14, 8, 16, 1, 5), (14, 12, 16, 1, 5),
+                         (32, 8, 32, 1, 3), (16, 8, 64, 1, 3)],
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--layers", choices=tuple(LAYERS), default="resnet20",
+                        help="resnet20's 3x3 layers at --image-size; LeNet-5's C3 (6 -> 16, 5x5 "
+                             "over 14x14); or narrow layers of 1 to 8 input channels")
     parser.add_argument("--side", choices=("both", "cnnjax", "torch"), default="both",
                         help="time both libraries' calls in turn, or one library's alone")
     parser.add_argument("--kernels", choices=("cnnjax", "onednn"), default="cnnjax",
@@ -142,14 +164,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("oneDNN's call or cnnjax's CPU kernels are not available here; nothing "
                          "to compare.")
     torch.set_num_threads(args.threads)
-    s = args.image_size
-    shapes = [(s, 16, 16, 1), (s // 2, 32, 32, 1), (s // 4, 64, 64, 1), (s, 16, 32, 2),
-              (s // 2, 32, 64, 2)]
     results = {}
-    for size, cin, cout, stride in shapes:
-        name = f"{args.batch_size}x{size}x{size}x{cin}->{cout} stride {stride}"
+    for size, cin, cout, stride, kernel in LAYERS[args.layers](args.image_size):
+        name = f"{args.batch_size}x{size}x{size}x{cin}->{cout} {kernel}x{kernel} stride {stride}"
         results[name] = t = layer(args.batch_size, size, cin, cout, stride, torch, args.side,
-                                  args.kernels)
+                                  args.kernels, kernel)
         parts = []
         for call in ("forward", "input_gradient", "weight_gradient"):
             times = [f"{side} {t[f'{side}_{call}_ms']:.2f}" for side in ("cnnjax", "torch")

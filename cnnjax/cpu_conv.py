@@ -43,7 +43,10 @@ Array = jax.Array
 #   shifted adds. XLA:CPU's kernel builds [kh * kw * C_out]-wide patches of the output gradient for
 #   a product only C_in columns wide; the row GEMMs ran 1.2x to 4.5x faster below 8 input channels,
 #   mixed at 8, even at 12 and 5x slower at 16 (benchmarks/RESULTS.md). Where oneDNN's kernel
-#   runs, these layers take it instead (C3's input gradient 1.7 against 3.0 ms at batch 128).
+#   runs, these layers take the onednn form instead (C3's input gradient 1.7 against 3.0 ms at
+#   batch 128), and so the gather kernel below where it fits (float32: C3's forward pass 0.19
+#   against oneDNN's 0.35 ms, its input gradient in dot tiles 0.34 against 0.99); without oneDNN
+#   the narrow form itself takes the gather kernel's passes where they fit.
 # - "depthwise": a depthwise layer (one filter per channel: MobileNet, EfficientNet) is a sum of
 #   kh * kw shifted slices times a per-channel weight, one fused loop with channels innermost, and
 #   so is its input gradient. Its weight gradient takes the kh * kw sums one image at a time. XLA:CPU's
@@ -63,9 +66,11 @@ Array = jax.Array
 #
 # Gather kernel (`cpu_kernels.conv`, `cpu_kernels.input_gradient`, cnnjax/cpu_kernels.cc): the
 # forward pass of a layer with 16, 32 or 64 input channels (or an RGB first layer with a small
-# output: `cpu_kernels.conv_fits`) and a multiple of a vector register's floats of output channels
-# (16 with AVX-512), and the input gradient where the same holds with the channel counts swapped,
-# at any stride and padding. jaxlib's oneDNN calls run PyTorch's
+# output, or at most 8 input channels to at most two vectors of outputs: `cpu_kernels.conv_fits`)
+# and a multiple of a vector register's floats of output channels (16 with AVX-512), and the input
+# gradient where the same holds with the channel counts swapped, or where the layer has at most 8
+# input channels and a multiple of the vector's floats of outputs (its "dot tiles":
+# `cpu_kernels.input_gradient_fits`), at any stride and padding. jaxlib's oneDNN calls run PyTorch's
 # kernel at its speed on one core but lose 5% to 50% on two inside a train step (XLA's oneDNN
 # thread pool splits a call into exactly as many tasks as it has threads and blocks the caller);
 # the gather kernel's chunks go to whichever thread is free, and its 3-wide kernel rows share each
@@ -448,11 +453,21 @@ def _form_function(form: str | None, conv: Callable[[Array, Array], Array], dot:
                               lambda x, w, g: (jax.vjp(lambda x: conv(x, w), x)[1](g)[0],
                                                _weight_gradient(conv, x, w, g, strides, padding)))
     if form == "narrow":
-        def narrow_backward(x: Array, w: Array, g: Array) -> tuple[Array, Array]:
-            return (_row_input_gradient(g, w, x.shape, padding).astype(x.dtype),
-                    _weight_gradient(conv, x, w, g, strides, padding))
+        # Without oneDNN's call: the gather kernel's passes where they take the layer (float32),
+        # else XLA's forward pass and the row GEMMs.
+        def narrow_forward(x: Array, w: Array) -> Array:
+            if x.dtype == w.dtype == jnp.float32:
+                return _forward(conv, "native", x, w, strides, padding)
+            return conv(x, w)
 
-        return _with_backward(conv, narrow_backward)
+        def narrow_backward(x: Array, w: Array, g: Array) -> tuple[Array, Array]:
+            if x.dtype == w.dtype == g.dtype == jnp.float32 and _gather_input_gradient(x, w):
+                x_grad = _input_gradient(conv, "native", x, w, g, strides, padding)
+            else:
+                x_grad = _row_input_gradient(g, w, x.shape, padding).astype(x.dtype)
+            return x_grad, _weight_gradient(conv, x, w, g, strides, padding)
+
+        return _with_backward(narrow_forward, narrow_backward)
     if form == "depthwise":
         return lambda x, w: depthwise_conv(x, w, strides, padding)
     if form in ("onednn", "native"):
@@ -482,8 +497,9 @@ def _gather_forward(x: Array, w: Array, strides: tuple[int, int], padding: Any) 
 
 def _gather_input_gradient(x: Array, w: Array) -> bool:
     """Whether the gather kernel takes this layer's input gradient (it reads the output
-    gradient's channels and writes x's)."""
-    return _gather_fits(w.shape[3], x.shape[3], x.size)
+    gradient's channels and writes x's; its dot tiles where x has few channels)."""
+    return (cpu_kernels.enabled() and cpu_kernels.available()
+            and cpu_kernels.input_gradient_fits(x.shape[3], w.shape[3], x.size))
 
 
 def _forward(conv: Callable[[Array, Array], Array], form: str, x: Array, w: Array,

@@ -371,13 +371,15 @@ ffi::Error WeightGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 // oneDNN's 3.5 to 4.4 and PyTorch's 2.4 to 2.6; the stride-2 input gradient 1.3 to 1.6 against
 // 2.7 to 4.1 and 1.7 to 2.2. With 16, 32 or 64 input channels the loops are compiled for that
 // count (3, an RGB first layer, too, in triples); any other count takes a generic loop (correct,
-// and slower than oneDNN at 48 channels and more: cnnjax/cpu_conv.py sends only 3, 16, 32 and
-// 64 here).
+// faster than oneDNN's on 9 of 10 layers of 1 to 8 input channels to 16 or 32 outputs measured,
+// slower at 48 channels and more: cnnjax/cpu_conv.py sends only 3, 16, 32 and 64 here, and at most 8 to at most two
+// vectors). Output channels fewer than a vector (an input gradient to 8 channels or fewer) take
+// the dot tiles below.
 
 // The input pixels, taps and output pixels of one output row (or column phase of one).
 struct Tap {
   int64_t offset;   // floats from the row's input base to the first pixel this tap reads
-  const float* w;   // [ci, co] weights of the tap
+  const float* w;   // [ci, co] weights of the tap ([co, ci] for dot tiles, below)
 };
 
 struct RowJob {
@@ -553,9 +555,118 @@ void GatherRowV(const RowJob& r) {
   GatherRowOf<V, 0, 1>(r);
 }
 
-// One output row; zeros (or the addend) where no tap reaches it. co is a multiple of lanes of vw:
-// two vectors at a time where it is a multiple of two (a [ci, 2 * lanes] weight slice per tap
-// stays in cache across a row), else one.
+// --- dot tiles: fewer output channels than a vector's lanes ---
+//
+// LeNet-5's C3 (6 -> 16 channels) has an input gradient of 6 channels from an output gradient of
+// 16: too few outputs for a vector of output channels, so the gather above cannot take it, and
+// oneDNN's kernel ran it at 0.77 ms of the 4 ms step (batch 128, benchmarks/RESULTS.md). Here the
+// vectors run along the input channels instead: a tile of P pixels x O output channels holds one
+// vector of partial sums each, every tap adds its input vector times the output channel's weight
+// vector (the tap's weights as [co, ci], each output channel's row contiguous), and the lanes are
+// summed once, when the tile is stored. ci is a multiple of the lanes.
+
+// The sum of a vector's lanes, halving through narrower vectors (portable vector extensions only).
+inline float LaneSum(vw v) {
+  typedef float v4 __attribute__((vector_size(16)));
+#if defined(__AVX512F__)
+  v8 lo, hi;
+  std::memcpy(&lo, &v, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  const v8 s = lo + hi;
+#else
+  const v8 s = v;
+#endif
+  v4 a, b;
+  std::memcpy(&a, &s, sizeof(a));
+  std::memcpy(&b, reinterpret_cast<const char*>(&s) + sizeof(a), sizeof(b));
+  a += b;
+  return (a[0] + a[2]) + (a[1] + a[3]);
+}
+
+constexpr int kDotOutputs = 8;  // output channels per dot tile, at most
+
+// v, kept in a register. GCC otherwise folds the load of a dot tile's weight vector into each of
+// the P multiply-adds that use it (P loads instead of one), which left C3's input gradient bound by
+// its loads: 0.45 against 0.37 ms with this.
+inline vw InRegister(vw v) {
+#if defined(__x86_64__)
+  asm("" : "+v"(v));
+#endif
+  return v;
+}
+
+// Pixels per dot tile of O output channels: P * O sums, O weight vectors and one input vector in
+// registers, at most 8 pixels.
+template <int O>
+constexpr int DotPixels() { return std::min(8, (kRegisters - 1 - O) / O); }
+
+template <int P, int O>
+void DotTile(const RowJob& r, int64_t p0, int64_t o0) {
+  constexpr int L = sizeof(vw) / sizeof(float);
+  vw acc[P][O];
+  for (int p = 0; p < P; ++p)
+    for (int o = 0; o < O; ++o) acc[p][o] = vw{};
+  for (int64_t t = 0; t < r.ntaps; ++t) {
+    const float* xr = r.in + r.taps[t].offset + p0 * r.in_step;
+    const float* wr = r.taps[t].w + o0 * r.ci;
+    for (int64_t k = 0; k < r.ci; k += L) {
+      vw wv[O];
+#pragma GCC unroll 8
+      for (int o = 0; o < O; ++o) wv[o] = InRegister(Load<vw>(wr + o * r.ci + k));
+#pragma GCC unroll 8
+      for (int p = 0; p < P; ++p) {
+        const vw xv = Load<vw>(xr + p * r.in_step + k);
+#pragma GCC unroll 8
+        for (int o = 0; o < O; ++o) acc[p][o] += xv * wv[o];
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    const int64_t at = (p0 + p) * r.out_step + o0;
+    for (int o = 0; o < O; ++o)
+      r.out[at + o] = LaneSum(acc[p][o]) + (r.add ? r.add[at + o] : 0.f);
+  }
+}
+
+// DotTile<p, O> for a runtime p in [1, P].
+template <int O, int P>
+void DotTileOf(int64_t p, const RowJob& r, int64_t p0, int64_t o0) {
+  if constexpr (P > 1) {
+    if (p < P) return DotTileOf<O, P - 1>(p, r, p0, o0);
+  }
+  DotTile<P, O>(r, p0, o0);
+}
+
+// Output channels [o0, o0 + O) of a row, in near-equal tiles of at most DotPixels<O>() pixels.
+template <int O>
+void DotRowOf(const RowJob& r, int64_t o0) {
+  constexpr int PM = DotPixels<O>();
+  const int64_t tiles = CeilDiv(r.pixels, PM);
+  for (int64_t t = 0, p0 = 0; t < tiles; ++t) {
+    const int64_t p = (r.pixels - p0) / (tiles - t);
+    DotTileOf<O, PM>(p, r, p0, o0);
+    p0 += p;
+  }
+}
+
+template <int O = kDotOutputs>
+void DotRowFor(int64_t o, const RowJob& r, int64_t o0) {
+  if constexpr (O > 1) {
+    if (o < O) return DotRowFor<O - 1>(o, r, o0);
+  }
+  DotRowOf<O>(r, o0);
+}
+
+// A row of any output channel count, kDotOutputs at a time.
+void DotRow(const RowJob& r) {
+  for (int64_t o0 = 0; o0 < r.co; o0 += kDotOutputs)
+    DotRowFor(std::min<int64_t>(kDotOutputs, r.co - o0), r, o0);
+}
+
+// One output row; zeros (or the addend) where no tap reaches it. Where co is a multiple of lanes
+// of vw, gather tiles: two vectors at a time where it is a multiple of two (a [ci, 2 * lanes]
+// weight slice per tap stays in cache across a row), else one. Else dot tiles, whose taps' weights
+// are [co, ci].
 void GatherRow(const RowJob& r) {
   constexpr int L = sizeof(vw) / sizeof(float);
   if (r.ntaps == 0) {
@@ -564,6 +675,7 @@ void GatherRow(const RowJob& r) {
         r.out[p * r.out_step + o] = r.add ? r.add[p * r.out_step + o] : 0.f;
     return;
   }
+  if (r.co % L != 0) return DotRow(r);
   if (r.co % (2 * L) == 0) return GatherRowV<2>(r);
   GatherRowV<1>(r);
 }
@@ -670,20 +782,27 @@ ffi::Error ConvInputGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
   if (!OptionalOperand(rest, dx->element_count(), &add))
     return ffi::Error::InvalidArgument("cnnjax conv input gradient: the addend must match dx");
   if (gd.size() != 4 || wd.size() != 4 || xd.size() != 4 || gd[0] != xd[0] || xd[3] != wd[2] ||
-      wd[3] != gd[3] || xd[3] % L != 0 || sh < 1 || sw < 1 || pt < 0 || pl < 0 || rest.size() > 1)
+      wd[3] != gd[3] || (xd[3] % L != 0 && wd[3] % L != 0) || sh < 1 || sw < 1 || pt < 0 ||
+      pl < 0 || rest.size() > 1)
     return ffi::Error::InvalidArgument(
         "cnnjax conv input gradient: expects g [N,Ho,Wo,Co], w [kh,kw,Ci,Co], dx [N,H,W,Ci] with "
-        "Ci a multiple of the vector width, strides >= 1, pads >= 0, at most an addend");
+        "Ci or Co a multiple of the vector width, strides >= 1, pads >= 0, at most an addend");
   const int64_t n = xd[0], h = xd[1], wi = xd[2], ci = xd[3], kh = wd[0], kw = wd[1], co = wd[3];
   const int64_t ho = gd[1], wo = gd[2];
-  // The kernel's transpose [kh, kw, co, ci]: the gather's weights.
-  // (64-byte aligned, as XLA's buffers are: a vector load then reads one cache line.)
-  std::vector<float> wt_buffer(kh * kw * co * ci + 16);
-  float* wt = wt_buffer.data() + (16 - reinterpret_cast<uintptr_t>(wt_buffer.data()) / 4 % 16) % 16;
+  // The gather's weights are the kernel's transpose [kh, kw, co, ci] (64-byte aligned, as XLA's
+  // buffers are: a vector load then reads one cache line). Dot tiles (ci not a multiple of the
+  // lanes) read the kernel as it is: [ci, co] per tap is their [outputs, inputs].
   const float* ws = w.typed_data();
-  for (int64_t t = 0; t < kh * kw; ++t)
-    for (int64_t c = 0; c < ci; ++c)
-      for (int64_t o = 0; o < co; ++o) wt[(t * co + o) * ci + c] = ws[(t * ci + c) * co + o];
+  std::vector<float> wt_buffer(ci % L == 0 ? kh * kw * co * ci + 16 : 0);
+  const float* wt = ws;
+  if (ci % L == 0) {
+    float* t_data = wt_buffer.data() +
+                    (16 - reinterpret_cast<uintptr_t>(wt_buffer.data()) / 4 % 16) % 16;
+    for (int64_t t = 0; t < kh * kw; ++t)
+      for (int64_t c = 0; c < ci; ++c)
+        for (int64_t o = 0; o < co; ++o) t_data[(t * co + o) * ci + c] = ws[(t * ci + c) * co + o];
+    wt = t_data;
+  }
   // Input column b + sw * v reads g column v + (b + pl - j) / sw: the zero columns either side.
   int64_t left = 0, right = 0;
   for (int64_t b = 0; b < std::min(sw, wi); ++b) {

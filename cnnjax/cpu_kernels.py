@@ -139,15 +139,32 @@ def weight_gradient(x: Array, g: Array, kernel: Sequence[int], strides: Sequence
 # 0.85 ms; 3 -> 64 at 112 px, batch 16, 51 MB: 5.79 against 4.85).
 GATHER_CHANNELS = (16, 32, 64)
 RGB_MAX_OUTPUT_BYTES = 32 << 20
+NARROW_CHANNELS = 8
 
 
 def conv_fits(c_in: int, c_out: int, outputs: int) -> bool:
     """Whether `conv` runs a layer of c_in -> c_out channels writing `outputs` floats in its own
-    loops (GATHER_CHANNELS in, or 3 with at most RGB_MAX_OUTPUT_BYTES out; a multiple of the
-    vector width out), so faster than oneDNN's call; `input_gradient` of that layer fits where
-    `conv_fits(c_out, c_in, x's size)`. `available()` first."""
-    channels = c_in in GATHER_CHANNELS or (c_in == 3 and 4 * outputs <= RGB_MAX_OUTPUT_BYTES)
-    return channels and c_out % vector_floats() == 0
+    loops, so faster than oneDNN's call: GATHER_CHANNELS in; or 3 (RGB) with at most
+    RGB_MAX_OUTPUT_BYTES out; or at most NARROW_CHANNELS in (LeNet-5's C3: 6) to at most two
+    vectors of channels, at most RGB_MAX_OUTPUT_BYTES out (benchmarks/RESULTS.md: oneDNN's kernel
+    was faster at 4 and 6 channels to 64); always a multiple of the vector width out.
+    `available()` first."""
+    lanes = vector_floats()
+    small = 4 * outputs <= RGB_MAX_OUTPUT_BYTES
+    channels = (c_in in GATHER_CHANNELS or (c_in == 3 and small)
+                or (c_in <= NARROW_CHANNELS and c_out <= 2 * lanes and small))
+    return channels and c_out % lanes == 0
+
+
+def input_gradient_fits(c_in: int, c_out: int, size: int) -> bool:
+    """Whether `input_gradient` runs the input gradient of a layer of c_in -> c_out channels whose
+    input holds `size` floats in its own loops: where `conv_fits(c_out, c_in, size)` (the gather
+    writes x's channels), or in its dot tiles, for at most NARROW_CHANNELS input channels
+    (LeNet-5's C3: 6) from a multiple of the vector width of output channels. `available()`
+    first."""
+    lanes = vector_floats()
+    return conv_fits(c_out, c_in, size) or (c_in <= NARROW_CHANNELS and c_in % lanes != 0
+                                            and c_out % lanes == 0)
 
 
 def _pads_and_strides(strides: Sequence[int], padding: Sequence[tuple[int, int]]) -> dict:
@@ -178,9 +195,9 @@ def conv(x: Array, w: Array, strides: Sequence[int], padding: Sequence[tuple[int
 def input_gradient(g: Array, w: Array, x_shape: Sequence[int], strides: Sequence[int],
                    padding: Sequence[tuple[int, int]], addend: Array | None = None) -> Array:
     """dL/dx (x_shape) of `conv(x, w, strides, padding)` from its output gradient g, plus `addend`
-    (x's shape) where given, in the same loop; x's channels a multiple of `vector_floats()`. One
-    call at any stride: each input pixel sums only the taps that reach it. CPU only; `available()`
-    first."""
+    (x's shape) where given, in the same loop; x's channels, or else g's, a multiple of
+    `vector_floats()` (`input_gradient_fits`). One call at any stride: each input pixel sums only
+    the taps that reach it. CPU only; `available()` first."""
     _register()
     call = jax.ffi.ffi_call(INPUT_GRADIENT, jax.ShapeDtypeStruct(tuple(x_shape), jnp.float32))
     return call(g, w, *([] if addend is None else [addend]), **_pads_and_strides(strides, padding))
@@ -246,8 +263,9 @@ def _check_norm_act_on(rng: np.random.Generator, shape: tuple[int, ...]) -> None
 def _check_conv(rng: np.random.Generator) -> None:
     """conv and input_gradient, each with an addend, against XLA's convolution and its gradient:
     the loops for 16 input channels at strides 1 (kernel rows in triples) and 2, for 3 (an RGB
-    layer, forward only), and the generic loop (5 input channels, a 3x2 kernel, strides (1, 2)),
-    all with asymmetric padding; raises RuntimeError if they differ."""
+    layer: forward, and the input gradient's dot tiles), and the generic loop (5 input channels,
+    a 3x2 kernel, strides (1, 2); dot tiles for its input gradient), all with asymmetric padding;
+    raises RuntimeError if they differ."""
     lanes = vector_floats()
     cases = [((2, 6, 7, 16), (3, 3, 16, lanes), (1, 1), ((1, 0), (1, 2))),
              ((2, 5, 6, 3), (3, 3, 3, lanes), (1, 1), ((1, 1), (0, 1))),
@@ -258,7 +276,7 @@ def _check_conv(rng: np.random.Generator) -> None:
             y, vjp = jax.vjp(lambda x: reference_conv(x, w, strides, padding), x)
             ours = [conv(x, w, strides, padding, a)]
             expected = [y + a]
-            if x.shape[3] % lanes == 0:
+            if input_gradient_fits(x.shape[3], w.shape[3], x.size):
                 ours.append(input_gradient(g, w, x.shape, strides, padding, b))
                 expected.append(vjp(g)[0] + b)
             return ours, expected

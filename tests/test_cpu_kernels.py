@@ -121,8 +121,11 @@ def test_norm_act_matches_autodiff_of_its_formula(shape, relu, has_residual):
 # explicit padding). 16, 32 and 64 input channels at stride 1 with 3-wide kernels (kernel rows in
 # triples; 16 and 48 output channels: one vector, then 2-vector blocks and a 1-vector tail), at
 # stride 2 (input pixels two apart) and at strides (1, 2) and 3; 3 input channels (an RGB layer)
-# in triples; the generic loop (5 and 48 input channels, a 5x5 kernel, a 3x2 one); asymmetric padding, a pad wider than the kernel's reach on
-# one side, and none at all (read in place); one image (chunks of rows) and a 1x1 kernel.
+# in triples; the generic loop (5, 6 and 48 input channels, a 5x5 kernel, a 3x2 one); asymmetric
+# padding, a pad wider than the kernel's reach on one side, and none at all (read in place); one
+# image (chunks of rows) and a 1x1 kernel. The input gradient of every case too: where x's channels
+# are fewer than a vector (3, 5, 6 and 12 with AVX-512) in dot tiles, LeNet-5's C3 (6 <- 16) among
+# them, 12 in two blocks of outputs (8 and 4), 6 <- 32 at stride 2 with two vectors a tap.
 GATHER_CASES = [
     ((2, 7, 6, 16), (3, 3, 16, 16), (1, 1), ((1, 0), (1, 2))),
     ((3, 6, 9, 32), (3, 3, 32, 48), (1, 1), ((1, 1), (1, 1))),
@@ -134,6 +137,9 @@ GATHER_CASES = [
     ((2, 8, 7, 3), (3, 3, 3, 32), (1, 1), ((1, 1), (2, 0))),
     ((1, 12, 10, 48), (3, 3, 48, 16), (1, 1), ((1, 1), (1, 1))),
     ((2, 6, 6, 16), (1, 1, 16, 32), (2, 2), ((0, 0), (0, 0))),
+    ((2, 14, 14, 6), (5, 5, 6, 16), (1, 1), ((0, 0), (0, 0))),
+    ((2, 6, 7, 12), (3, 3, 12, 16), (1, 1), ((1, 1), (1, 1))),
+    ((2, 9, 9, 6), (3, 3, 6, 32), (2, 2), ((1, 1), (1, 0))),
 ]
 
 
@@ -146,17 +152,15 @@ def test_gather_convolution_and_input_gradient_match_xla(x_shape, w_shape, strid
     g, a = (rng.standard_normal(y.shape, np.float32) for _ in range(2))
     b = rng.standard_normal(x_shape, np.float32)
     lanes = cpu_kernels.vector_floats()
-    assert w_shape[3] % lanes == 0  # what the forward pass takes
+    assert w_shape[3] % lanes == 0  # what both passes take (the input gradient: x's or g's)
 
     def ours(x, w, g, a, b):
-        out = [cpu_kernels.conv(x, w, strides, padding), cpu_kernels.conv(x, w, strides, padding, a)]
-        if x.shape[3] % lanes == 0:  # what the input gradient takes
-            out += [cpu_kernels.input_gradient(g, w, x.shape, strides, padding),
-                    cpu_kernels.input_gradient(g, w, x.shape, strides, padding, b)]
-        return out
+        return [cpu_kernels.conv(x, w, strides, padding), cpu_kernels.conv(x, w, strides, padding, a),
+                cpu_kernels.input_gradient(g, w, x.shape, strides, padding),
+                cpu_kernels.input_gradient(g, w, x.shape, strides, padding, b)]
 
     got = jax.jit(ours)(x, w, g, a, b)
-    expected = [y, y + a] + ([vjp(g)[0], vjp(g)[0] + b] if len(got) == 4 else [])
+    expected = [y, y + a, vjp(g)[0], vjp(g)[0] + b]
     chex.assert_trees_all_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -169,10 +173,10 @@ def test_gather_kernel_names_a_shape_it_cannot_take():
     with pytest.raises(Exception, match="the addend must match the output"):
         jax.jit(lambda x, w, a: cpu_kernels.conv(x, w, (1, 1), ((1, 1), (1, 1)), a))(
             x, jnp.ones((3, 3, 16, lanes)), jnp.ones((1, 4, 4, lanes // 2)))
-    g = jnp.ones((1, 4, 4, 16))
-    with pytest.raises(Exception, match="Ci a multiple of the vector width"):
-        jax.jit(lambda g, w: cpu_kernels.input_gradient(
-            g, w, (1, 4, 4, lanes + 4), (1, 1), ((1, 1), (1, 1))))(g, jnp.ones((3, 3, lanes + 4, 16)))
+    g = jnp.ones((1, 4, 4, lanes + 4))  # neither x's channels nor g's a multiple of the lanes
+    with pytest.raises(Exception, match="Ci or Co a multiple of the vector width"):
+        jax.jit(lambda g, w: cpu_kernels.input_gradient(g, w, (1, 4, 4, lanes + 4), (1, 1), (
+            (1, 1), (1, 1))))(g, jnp.ones((3, 3, lanes + 4, lanes + 4)))
 
 
 def _calls(hlo, *targets):
@@ -182,13 +186,17 @@ def _calls(hlo, *targets):
 # (input shape, kernel shape, strides, the gather kernel's calls: forward, input gradient).
 # 16 -> 32 channels: both passes, at stride 1 and 2. The input gradient reads the output gradient's
 # channels: 16 -> 48 takes the forward pass only (48 has no loop of its own), 48 -> 16 the input
-# gradient only; 8 -> 16 neither (8 input channels have no loop, and as the input gradient's
-# outputs are less than AVX-512's 16-float vector).
+# gradient only; at most 8 input channels (NARROW_CHANNELS) both where the output is at most two
+# vectors (8 -> 16: the generic loop forward, dot tiles back), the input gradient only where it is
+# more (6 -> 64: oneDNN's forward pass was faster); 12 -> 16 neither (12 channels have no loop of
+# their own, and are too many for dot tiles).
 GATHER_FORM_CASES = [((2, 9, 9, 16), (3, 3, 16, 32), (1, 1), (1, 1)),
                      ((2, 9, 9, 16), (3, 3, 16, 32), (2, 2), (1, 1)),
                      ((2, 8, 8, 16), (3, 3, 16, 48), (1, 1), (1, 0)),
                      ((2, 8, 8, 48), (3, 3, 48, 16), (1, 1), (0, 1)),
-                     ((2, 8, 8, 8), (3, 3, 8, 16), (1, 1), (0, 0))]
+                     ((2, 8, 8, 8), (3, 3, 8, 16), (1, 1), (1, 1)),
+                     ((2, 8, 8, 6), (3, 3, 6, 64), (1, 1), (0, 1)),
+                     ((2, 8, 8, 12), (3, 3, 12, 16), (1, 1), (0, 0))]
 
 
 @needs_native
@@ -307,9 +315,11 @@ def test_cpu_forms_take_the_native_weight_gradient(form, x_shape, w_shape, calls
     if not calls:
         return
     # GPUs and TPUs never see the call (`lax.platform_dependent`), and jax.export needs telling
-    # that a CPU program may hold it.
+    # that a CPU program may hold it (and the gather kernel's, which takes the 8-channel layer's
+    # other passes).
     assert cpu_kernels.WEIGHT_GRADIENT not in export.export(grad, platforms=["cuda"])(x, w).mlir_module()
-    allowed = [export.DisabledSafetyCheck.custom_call(cpu_kernels.WEIGHT_GRADIENT)]
+    allowed = [export.DisabledSafetyCheck.custom_call(target) for target in (
+        cpu_kernels.WEIGHT_GRADIENT, cpu_kernels.CONV, cpu_kernels.INPUT_GRADIENT)]
     exported = export.export(grad, platforms=["cpu"], disabled_checks=allowed)(x, w)
     assert cpu_kernels.WEIGHT_GRADIENT in exported.mlir_module()
 

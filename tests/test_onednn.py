@@ -197,11 +197,12 @@ def _ours(strides, padding):
 @needs_onednn
 @pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
 def test_generic_layers_run_as_onednn(strides, monkeypatch):
-    # 8 input channels, 3x3: no other CPU form applies. The forward pass and the input gradient are
+    # 12 input channels, 3x3: no other CPU form applies, and the gather kernel has no loop for 12
+    # channels (nor dot tiles for 12 outputs). The forward pass and the input gradient are
     # oneDNN's; the weight gradient is cnnjax's native kernel (tests/test_cpu_kernels.py), or XLA's
     # with that kernel off.
-    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 8))
-    w = jax.random.normal(jax.random.key(1), (3, 3, 8, 16))
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 12))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 12, 16))
     ours = _ours(strides, "SAME")
 
     def loss(conv):  # a nonlinear loss, so the cotangent differs at every position
@@ -242,10 +243,11 @@ def test_only_the_narrowest_taps_layers_stay_tap_sums_beside_onednn(x_shape, w_s
 
 
 @needs_onednn
-def test_narrow_layers_run_as_onednn_beside_it():
+def test_narrow_layers_run_as_onednn_beside_it(monkeypatch):
     # LeNet-5's C3 is "narrow" by shape (6 input channels); beside oneDNN its input gradient ran in
-    # 1.7 ms against the narrow form's row GEMMs' 3.0 (batch 128), so the layer takes oneDNN's
-    # forward pass and input gradient: two calls.
+    # 1.7 ms against the narrow form's row GEMMs' 3.0 (batch 128), so the layer takes the onednn
+    # form. There cnnjax's gather kernel takes its forward pass and its input gradient (dot tiles:
+    # 0.34 against oneDNN's 0.99 ms), or, with cnnjax's kernels off, oneDNN's call both.
     x_shape, w_shape = (2, 14, 14, 6), (5, 5, 6, 16)
     assert cpu_conv.cpu_conv_form(x_shape, w_shape, "VALID") == "narrow"
     x, w = jax.random.normal(jax.random.key(0), x_shape), jax.random.normal(jax.random.key(1), w_shape)
@@ -254,10 +256,16 @@ def test_narrow_layers_run_as_onednn_beside_it():
     def loss(conv):
         return lambda x, w: jnp.sum(jnp.sin(conv(x, w)))
 
-    grad = jax.jit(jax.grad(loss(ours), (0, 1)))
     expected = jax.grad(loss(lambda x, w: _xla(x, w, (1, 1), "VALID")), (0, 1))(x, w)
-    chex.assert_trees_all_close(grad(x, w), expected, atol=1e-3, rtol=1e-4)
-    assert grad.lower(x, w).compile().as_text().count(f'custom_call_target="{onednn.TARGET}"') == 2
+    for native in ("on", "off"):
+        monkeypatch.setenv(cpu_kernels.ENV, native)
+        grad = jax.jit(jax.grad(loss(ours), (0, 1)))
+        chex.assert_trees_all_close(grad(x, w), expected, atol=1e-3, rtol=1e-4)
+        hlo = grad.lower(x, w).compile().as_text()
+        gather = native == "on" and cpu_kernels.available()
+        targets = (onednn.TARGET, cpu_kernels.CONV, cpu_kernels.INPUT_GRADIENT)
+        counts = [hlo.count(f'custom_call_target="{t}"') for t in targets]
+        assert counts == ([0, 1, 1] if gather else [2, 0, 0]), (native, counts)
 
 
 @needs_onednn
