@@ -1,8 +1,8 @@
 """CPU benchmark: resnet20's convolutions, one layer at a time, cnnjax's kernels against torch's.
 
 For each 3x3 layer shape of a CIFAR ResNet at batch B (16, 32 and 64 channels, and the stride-2
-layer that opens stage 2; `--layers lenet5`: LeNet-5's C3; `--layers narrow`: layers of 1 to 12
-input channels, which the gather kernel's generic loop and dot tiles take or leave), in one
+layer that opens stage 2; `--layers lenet5`: LeNet-5's C1 and C3; `--layers narrow`: layers of 1
+to 12 input channels, which the gather kernel's generic loop and dot tiles take or leave), in one
 process:
 
 - forward: the call cnnjax's train step makes, `cpu_kernels.conv` (the gather kernel) where the
@@ -126,10 +126,11 @@ def layer(batch: int, size: int, cin: int, cout: int, stride: int, torch,
 LAYERS = {
     "resnet20": lambda s: [(s, 16, 16, 1, 3), (s // 2, 32, 32, 1, 3), (s // 4, 64, 64, 1, 3),
                            (s, 16, 32, 2, 3), (s // 2, 32, 64, 2, 3)],
-    "lenet5": lambda s: [(14, 6, 16, 1, 5)],
-    "narrow": lambda s: [(28, 1, 32, 1, 3), (28, 1, 32, 1, 5), (28, 2, 32, 1, 3), (32, 4, 64, 1, 3),
-                         (14, 4, 16, 1, 5), (14, 6, 16, 1, 5), (14, 8, 16, 1, 5), (14, 12, 16, 1, 5),
-                         (32, 8, 32, 1, 3), (16, 8, 64, 1, 3)],
+    "lenet5": lambda s: [(32, 1, 6, 1, 5), (14, 6, 16, 1, 5)],
+    "narrow": lambda s: [(28, 1, 32, 1, 3), (28, 1, 32, 1, 5), (28, 2, 32, 1, 3),
+                         (32, 4, 64, 1, 3), (14, 4, 16, 1, 5), (14, 6, 16, 1, 5),
+                         (14, 8, 16, 1, 5), (14, 12, 16, 1, 5), (32, 8, 32, 1, 3),
+                         (16, 8, 64, 1, 3)],
 }
 
 
@@ -138,8 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--layers", choices=tuple(LAYERS), default="resnet20",
-                        help="resnet20's 3x3 layers at --image-size; LeNet-5's C3 (6 -> 16, 5x5 "
-                             "over 14x14); or narrow layers of 1 to 8 input channels")
+                        help="resnet20's 3x3 layers at --image-size; LeNet-5's C1 (1 -> 6, "
+                             "5x5 over 32x32) and C3 (6 -> 16 over 14x14); or narrow layers of "
+                             "1 to 12 input channels")
     parser.add_argument("--side", choices=("both", "cnnjax", "torch"), default="both",
                         help="time both libraries' calls in turn, or one library's alone")
     parser.add_argument("--kernels", choices=("cnnjax", "onednn"), default="cnnjax",

@@ -80,7 +80,8 @@ Array = jax.Array
 # it. Programs without oneDNN's call (resnet20's) enter the persistent compilation cache.
 #
 # Native weight gradient: the float32 layers of the forms taps, narrow, onednn and native (one
-# group, no dilation, non-negative padding, a multiple of 8 filters) take dL/dw from
+# group, no dilation, non-negative padding, a multiple of 8 filters or at most
+# cpu_kernels.NARROW_CHANNELS input channels: LeNet-5's C1, 1 -> 6) take dL/dw from
 # cnnjax/cpu_kernels.cc, a kernel built on first use with the machine's C++ compiler
 # (cnnjax/cpu_kernels.py), where XLA:CPU would copy the input to CHWN and run Eigen's generic
 # convolution: 1.5x to 3x faster per layer, resnet20's train step 1.26x (benchmarks/RESULTS.md).
@@ -115,7 +116,8 @@ Array = jax.Array
 # whose forward pass, input gradient and weight gradient are all custom calls, stores nothing: in
 # interleaved runs (session 11) resnet20 trained 3.5% faster without the store, vgg16 at 32 px 4%,
 # resnet18, resnet50 and googlenet within noise. It keeps the store where its weight gradient is
-# XLA's (a filter count that is not a multiple of 8), and so does "native", where oneDNN is off
+# XLA's (a filter count that is not a multiple of 8, on more than 8 channels), and so does
+# "native", where oneDNN is off
 # (XLA's forward pass and input gradient would fuse the input's producers into their loops).
 
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
@@ -537,8 +539,8 @@ def _input_gradient(conv: Callable[[Array, Array], Array], form: str, x: Array, 
 def _weight_gradient(conv: Callable[[Array, Array], Array], x: Array, w: Array, g: Array,
                      strides: tuple[int, int], padding: Any) -> Array:
     """dL/dw of `conv` (undilated NHWC, one group) at (x, w) from its output gradient g: cnnjax's
-    CPU kernel for float32 with non-negative padding and a multiple of 8 filters ("native weight
-    gradient" above), else XLA's."""
+    CPU kernel for float32 with non-negative padding and a multiple of 8 filters or at most
+    NARROW_CHANNELS input channels ("native weight gradient" above), else XLA's."""
     if g.dtype == jnp.float32 and _native_weight_gradient(x, w, strides, padding):
         pads = pad_pairs(x.shape[1:3], w.shape[:2], strides, padding)
         return cpu_kernels.weight_gradient(x, g, w.shape[:2], strides, pads)
@@ -547,9 +549,11 @@ def _weight_gradient(conv: Callable[[Array, Array], Array], x: Array, w: Array, 
 
 def _native_weight_gradient(x: Array, w: Array, strides: tuple[int, int], padding: Any) -> bool:
     """Whether cnnjax's CPU kernel takes this layer's weight gradient: float32, non-negative
-    padding, a multiple of 8 filters, the kernel built and checked."""
+    padding, a multiple of 8 filters (vector blocks) or at most NARROW_CHANNELS input channels
+    (expanded rows), the kernel built and checked."""
     pads = pad_pairs(x.shape[1:3], w.shape[:2], strides, padding)
-    return (x.dtype == w.dtype == jnp.float32 and w.shape[3] % 8 == 0
+    filters = w.shape[3] % 8 == 0 or x.shape[3] <= cpu_kernels.NARROW_CHANNELS
+    return (x.dtype == w.dtype == jnp.float32 and filters
             and min(p for pair in pads for p in pair) >= 0
             and cpu_kernels.enabled() and cpu_kernels.available())
 

@@ -299,16 +299,141 @@ int64_t Threads(ffi::ThreadPool& pool, int64_t chunks) {
   return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), chunks));
 }
 
+// --- weight gradient of layers whose filters are not a multiple of 8 ---------------------------
+//
+// LeNet-5's C1 (1 -> 6 channels, 5x5) has 6 filters: too few for a vector of output channels, so
+// the blocks above cannot take it, and XLA's convolution ran it at 0.45-0.52 ms of the 3 ms step
+// plus 0.3 ms of copies of x and g to CHWN (batch 128, benchmarks/RESULTS.md). Here a row of g,
+// [wo, co] in place, is one array of wo * co floats, and each tap (i, j) and input channel c has
+// an "expanded" row of x beside it: E[ow * co + o] = x[oh * sh + i - pt, ow * sw + j - pl, c], each
+// input value repeated co times, zero outside the image. dw[i, j, c, o] is then the sum over rows
+// of E * g, lanes k * L + l folded into o = (k * L + l) % co at the end. A block of up to
+// kRegisters - 4 taps keeps one vector accumulator each while the rows stream past: per row and
+// vector of positions, one load of g for T multiply-adds (each with its load of E). At stride 1
+// the taps of one kernel row share an expanded row, shifted by j * co floats.
+
+// The expanded rows of one image and input channel: rows r = ih + pt for ih in [-pt, R - pt),
+// each `stride` floats; tap (i, j) of output row oh reads row oh * sh + i at j * jstep.
+struct Expanded {
+  int64_t len, vectors, rows, stride, jstep;
+};
+
+// For taps [0, T) at offsets off[t] into the expanded rows: accv[t * vectors + k] += sum over
+// output rows oh of E(oh, t)[k * L, k * L + L) * g[oh][k * L, k * L + L). g rows are `len` floats
+// apart; the last vector of a row, where len is not a multiple of L, reads `tail` (ho rows of L
+// floats, zero beyond len).
+template <int T>
+void ExpandedTaps(const Expanded& x, const float* ext, const int64_t* off, const float* g,
+                  const float* tail, int64_t ho, int64_t sh, vw* accv) {
+  constexpr int L = sizeof(vw) / sizeof(float);
+  for (int64_t k = 0; k < x.vectors; ++k) {
+    const bool partial = (k + 1) * L > x.len;
+    const float* gk = partial ? tail : g + k * L;
+    const int64_t g_step = partial ? L : x.len;
+    vw acc[T];
+    for (int t = 0; t < T; ++t) acc[t] = vw{};
+    for (int64_t oh = 0; oh < ho; ++oh) {
+      const vw gv = Load<vw>(gk + oh * g_step);
+      const float* e = ext + oh * sh * x.stride + k * L;
+#pragma GCC unroll 28
+      for (int t = 0; t < T; ++t) acc[t] += Load<vw>(e + off[t]) * gv;
+    }
+    for (int t = 0; t < T; ++t) accv[t * x.vectors + k] += acc[t];
+  }
+}
+
+constexpr int kExpandedTaps = kRegisters - 4;
+
+// ExpandedTaps<t> for a runtime t in [1, T].
+template <int T = kExpandedTaps>
+void ExpandedTapsOf(int64_t t, const Expanded& x, const float* ext, const int64_t* off,
+                    const float* g, const float* tail, int64_t ho, int64_t sh, vw* accv) {
+  if constexpr (T > 1) {
+    if (t < T) return ExpandedTapsOf<T - 1>(t, x, ext, off, g, tail, ho, sh, accv);
+  }
+  ExpandedTaps<T>(x, ext, off, g, tail, ho, sh, accv);
+}
+
+void ExpandedWeightGradient(ffi::ThreadPool& pool, const Conv& s, const float* x, const float* g,
+                            float* out) {
+  constexpr int64_t L = sizeof(vw) / sizeof(float);
+  Expanded e;
+  e.len = s.wo * s.co;
+  e.vectors = CeilDiv(e.len, L);
+  e.rows = (s.ho - 1) * s.sh + s.kh;
+  const bool shift = s.sw == 1;  // a kernel row's taps share one expanded row
+  e.jstep = shift ? s.co : e.vectors * L;
+  e.stride = shift ? e.vectors * L + (s.kw - 1) * s.co : s.kw * e.vectors * L;
+  const int64_t taps = s.kh * s.kw, items = s.n * s.ci;
+  std::vector<int64_t> off(taps);
+  for (int64_t t = 0; t < taps; ++t) off[t] = t / s.kw * e.stride + t % s.kw * e.jstep;
+  const int64_t threads = Threads(pool, items);
+  // Zero once: only the image's own pixels are written (rows and columns of padding, and the
+  // floats past a row's pixels, stay zero), plus L floats of slack after the last row.
+  std::vector<std::vector<float>> ext(threads, std::vector<float>(e.rows * e.stride + L, 0.f));
+  std::vector<std::vector<float>> tails(threads, std::vector<float>(s.ho * L, 0.f));
+  std::vector<std::vector<vw>> accv(threads, std::vector<vw>(s.ci * taps * e.vectors, vw{}));
+  const int workers = ParallelFor(pool, threads, items, [&](int worker, int64_t item) {
+    const int64_t n = item / s.ci, c = item % s.ci;
+    float* rows = ext[worker].data();
+    for (int64_t r = 0; r < e.rows; ++r) {
+      const int64_t ih = r - s.pt;
+      if (ih < 0 || ih >= s.h) continue;
+      const float* xr = x + (n * s.h + ih) * s.w * s.ci + c;
+      // Pixel q of a shared row is input column q - pl; of tap j's own segment, q * sw + j - pl.
+      // Each pixel's co copies are one vector store of L (co < L is typical; else the copies go
+      // L at a time), the next pixel's store overwriting the excess, and the excess of the last
+      // one zeroed again.
+      const int64_t segments = shift ? 1 : s.kw, pixels = shift ? s.wo + s.kw - 1 : s.wo;
+      for (int64_t j = 0; j < segments; ++j) {
+        float* segment = rows + r * e.stride + j * e.jstep;
+        int64_t end = -1;
+        for (int64_t q = 0; q < pixels; ++q) {
+          const int64_t iw = shift ? q - s.pl : q * s.sw + j - s.pl;
+          if (iw < 0 || iw >= s.w) continue;
+          const vw v = vw{} + xr[iw * s.ci];
+          for (int64_t o = 0; o < s.co; o += L) Store(segment + q * s.co + o, v);
+          end = (q + 1) * s.co;
+        }
+        if (end >= 0) Store(segment + end, vw{});
+      }
+    }
+    const float* gn = g + n * s.ho * e.len;
+    float* tail = tails[worker].data();
+    if (e.len % L != 0)
+      for (int64_t oh = 0; oh < s.ho; ++oh)
+        std::memcpy(tail + oh * L, gn + oh * e.len + (e.vectors - 1) * L,
+                    (e.len % L) * sizeof(float));
+    vw* acc = accv[worker].data() + c * taps * e.vectors;
+    for (int64_t t0 = 0; t0 < taps; t0 += kExpandedTaps)
+      ExpandedTapsOf(std::min<int64_t>(kExpandedTaps, taps - t0), e, rows, off.data() + t0, gn,
+                     tail, s.ho, s.sh, acc + t0 * e.vectors);
+  });
+  std::fill(out, out + taps * s.ci * s.co, 0.f);
+  for (int w = 0; w < workers; ++w)
+    for (int64_t c = 0; c < s.ci; ++c)
+      for (int64_t t = 0; t < taps; ++t)
+        for (int64_t k = 0; k < e.vectors; ++k) {
+          const vw v = accv[w][(c * taps + t) * e.vectors + k];
+          for (int64_t l = 0; l < L && k * L + l < e.len; ++l)
+            out[(t * s.ci + c) * s.co + (k * L + l) % s.co] += v[l];
+        }
+}
+
 ffi::Error WeightGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
                           ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t pt,
                           int64_t pl) {
   auto xd = x.dimensions(), gd = g.dimensions(), wd = dw->dimensions();
   if (xd.size() != 4 || gd.size() != 4 || wd.size() != 4 || xd[0] != gd[0] || xd[3] != wd[2] ||
-      gd[3] != wd[3] || wd[3] % 8 != 0 || sh < 1 || sw < 1 || pt < 0 || pl < 0)
+      gd[3] != wd[3] || sh < 1 || sw < 1 || pt < 0 || pl < 0)
     return ffi::Error::InvalidArgument(
-        "cnnjax conv weight gradient: expects x [N,H,W,Ci], g [N,Ho,Wo,Co], dw [kh,kw,Ci,Co] with "
-        "Co a multiple of 8, strides >= 1, pads >= 0");
+        "cnnjax conv weight gradient: expects x [N,H,W,Ci], g [N,Ho,Wo,Co], dw [kh,kw,Ci,Co], "
+        "strides >= 1, pads >= 0");
   const Conv s{xd[0], xd[1], xd[2], xd[3], gd[1], gd[2], gd[3], wd[0], wd[1], sh, sw, pt, pl};
+  if (s.co % 8 != 0) {
+    ExpandedWeightGradient(pool, s, x.typed_data(), g.typed_data(), dw->typed_data());
+    return ffi::Error::Success();
+  }
   const int64_t size = s.kh * s.kw * s.ci * s.co, taps = s.kh * s.kw;
   const int64_t threads = Threads(pool, s.n * taps);
   // Images per chunk: about 1024 output pixels, so a block's accumulators see a long run of pixels
@@ -370,11 +495,11 @@ ffi::Error WeightGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 // benchmarks/RESULTS.md): forward and input gradient 2.4 to 2.7 ms at 16 channels against
 // oneDNN's 3.5 to 4.4 and PyTorch's 2.4 to 2.6; the stride-2 input gradient 1.3 to 1.6 against
 // 2.7 to 4.1 and 1.7 to 2.2. With 16, 32 or 64 input channels the loops are compiled for that
-// count (3, an RGB first layer, too, in triples); any other count takes a generic loop (correct,
-// faster than oneDNN's on 9 of 10 layers of 1 to 8 input channels to 16 or 32 outputs measured,
-// slower at 48 channels and more: cnnjax/cpu_conv.py sends only 3, 16, 32 and 64 here, and at most 8 to at most two
-// vectors). Output channels fewer than a vector (an input gradient to 8 channels or fewer) take
-// the dot tiles below.
+// count (3, an RGB first layer, too, in triples); any other count takes a generic loop (correct;
+// faster than oneDNN's at 2 to 8 input channels to 16 or 32 outputs, even at 1, slower at 48
+// channels and more, benchmarks/RESULTS.md: cnnjax/cpu_conv.py sends it only 3, 16, 32 and 64,
+// and at most 8 to at most two vectors). Output channels fewer than a vector (an input gradient
+// to 8 channels or fewer) take the dot tiles below.
 
 // The input pixels, taps and output pixels of one output row (or column phase of one).
 struct Tap {

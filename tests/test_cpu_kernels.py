@@ -40,8 +40,11 @@ def test_available_where_a_compiler_is():
 # tail [2 + 1]), 8 (the tail alone [1]), 40 (a 2-vector block and the tail [2 + 2 + 1]), 64 (two
 # 2-vector blocks [four]); input channels in one block (16 against 1 vector) or split (20 and 64
 # against 2 vectors: blocks of at most 12 [6]); strided, asymmetric and zero padding; one image with
-# AlexNet's 11x11 stride-4 stem; 4x4 maps, where a chunk holds several images. With AVX-512, three
-# taps wide at stride 1 along the width and 16 output channels take the kernel-row blocks
+# AlexNet's 11x11 stride-4 stem; 4x4 maps, where a chunk holds several images. Filters that are not
+# a multiple of 8 take the expanded rows: LeNet-5's C1 (1 -> 6, 5x5), 5 filters at strides (2, 1)
+# and 12 at (1, 2) (a segment per tap) with padding, and a 7x7 kernel's 49 taps (two blocks of
+# accumulators). With AVX-512, three taps wide at stride 1 along the width and 16 output channels
+# take the kernel-row blocks
 # (`RowBlock`): 16 input channels (blocks of 8), 13 (7 and 6), a row stride of 2, no padding on the
 # left and two on the right, and 3x3 over 5x5 and 9x9 maps.
 CASES = [
@@ -54,6 +57,10 @@ CASES = [
     ((1, 23, 23, 3), (11, 11, 3, 8), (4, 4), ((2, 2), (2, 2))),
     ((40, 4, 4, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1))),
     ((2, 5, 5, 4), (1, 1, 4, 8), (2, 2), ((0, 0), (0, 0))),
+    ((2, 12, 12, 1), (5, 5, 1, 6), (1, 1), ((0, 0), (0, 0))),
+    ((4, 9, 11, 3), (3, 2, 3, 5), (2, 1), ((1, 2), (0, 1))),
+    ((3, 7, 8, 2), (3, 3, 2, 12), (1, 2), ((1, 1), (2, 0))),
+    ((2, 10, 10, 1), (7, 7, 1, 6), (1, 1), ((3, 3), (3, 3))),
 ]
 
 
@@ -155,7 +162,8 @@ def test_gather_convolution_and_input_gradient_match_xla(x_shape, w_shape, strid
     assert w_shape[3] % lanes == 0  # what both passes take (the input gradient: x's or g's)
 
     def ours(x, w, g, a, b):
-        return [cpu_kernels.conv(x, w, strides, padding), cpu_kernels.conv(x, w, strides, padding, a),
+        return [cpu_kernels.conv(x, w, strides, padding),
+                cpu_kernels.conv(x, w, strides, padding, a),
                 cpu_kernels.input_gradient(g, w, x.shape, strides, padding),
                 cpu_kernels.input_gradient(g, w, x.shape, strides, padding, b)]
 
@@ -289,10 +297,12 @@ def test_block_input_gradient_adds_the_shortcut_gradient_in_the_gather_kernel(st
 
 
 # One layer per form that takes the native weight gradient: "taps" (a first layer on 3 channels),
-# "narrow" (4 channels), and "native" itself (8 channels with oneDNN's call off); and LeNet-5's C1
-# (taps, 6 filters), which keeps XLA's: the kernel takes multiples of 8 filters only.
+# "narrow" (4 channels), and "native" itself (8 channels with oneDNN's call off); LeNet-5's C1
+# (taps, 6 filters: the expanded rows, as at most NARROW_CHANNELS input channels); and a layer of
+# 12 channels to 6 filters, which keeps XLA's (no form of its own, too wide for expanded rows).
 FORM_CASES = [("taps", (2, 8, 8, 3), (3, 3, 3, 16), 1), ("narrow", (2, 8, 8, 4), (3, 3, 4, 8), 1),
-              ("native", (2, 9, 9, 8), (3, 3, 8, 16), 1), ("taps", (2, 12, 12, 1), (5, 5, 1, 6), 0)]
+              ("native", (2, 9, 9, 8), (3, 3, 8, 16), 1), ("taps", (2, 12, 12, 1), (5, 5, 1, 6), 1),
+              (None, (2, 8, 8, 12), (3, 3, 12, 6), 0)]
 
 
 @needs_native
