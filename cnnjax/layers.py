@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import difflib
 import functools
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -48,9 +49,56 @@ def _conv(lhs: Array, rhs: Array, *args: Any, **kwargs: Any) -> Array:
     return y
 
 
+# Widest rows `channel_sum` folds an activation into on CPU, in floats.
+_CHANNEL_SUM_ROW = 512
+
+
+def _channel_sum_rows(g: Array) -> Array:
+    c = g.shape[-1]
+    rows = g.size // c
+    k = next((k for k in (32, 16, 8, 4, 2) if rows % k == 0 and k * c <= _CHANNEL_SUM_ROW), 1)
+    total = jnp.sum(g.reshape(-1, k * c).astype(jnp.float32), 0)
+    return total.reshape(k, c).sum(0).astype(g.dtype)
+
+
+def channel_sum(g: Array) -> Array:
+    """g summed over every axis but the last (a bias's gradient). On CPU as a sum over the rows of
+    g folded into rows of k * C floats (k up to 32, rows up to 512 floats), then over the k copies
+    of each channel, in fp32: XLA:CPU reduces [N, H, W, C] over three axes 5x to 10x slower than
+    over the leading axis of a wide 2D array (LeNet-5's C1 gradient, 128x28x28x6: 0.16 against
+    0.03 ms; 128x32x32x16 0.66 against 0.07; benchmarks/RESULTS.md). `CNNJAX_CPU_REWRITES=off`
+    keeps the plain sum."""
+    def plain(g: Array) -> Array:
+        return jnp.sum(g, tuple(range(g.ndim - 1)))
+
+    if g.ndim < 2 or not cpu_rewrites_enabled():
+        return plain(g)
+    return lax.platform_dependent(g, cpu=_channel_sum_rows, default=plain)
+
+
+@jax.custom_vjp
+def add_bias(y: Array, bias: Array) -> Array:
+    """y + bias over y's last axis, its bias gradient a `channel_sum`."""
+    return y + bias
+
+
+def _add_bias_fwd(y: Array, bias: Array) -> tuple[Array, None]:
+    return y + bias, None
+
+
+def _add_bias_bwd(_: None, g: Array) -> tuple[Array, Array]:
+    return g, channel_sum(g)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+_NN_CONV_CALL = inspect.unwrap(nn.Conv.__call__)
+
+
 class Conv(nn.Conv):
-    """`nn.Conv` that also accepts padding="FULL", with the CPU forms of cnnjax/cpu_conv.py. Same parameters
-    and names."""
+    """`nn.Conv` that also accepts padding="FULL", with the CPU forms of cnnjax/cpu_conv.py and its
+    bias added by `add_bias` (its gradient a `channel_sum`). Same parameters and names."""
 
     conv_general_dilated: Any = _conv
 
@@ -61,6 +109,23 @@ class Conv(nn.Conv):
                 self, "padding", explicit_padding("FULL", self.kernel_size, self.kernel_dilation or 1)
             )
         super().__post_init__()
+
+    @nn.compact
+    def __call__(self, inputs: Array) -> Array:
+        # nn.Conv's body unwrapped: through flax's method wrapper, interceptors (cnnjax.profile's
+        # layer table) would see the one call twice.
+        if not (self.use_bias and self.shared_weights and cpu_rewrites_enabled()):
+            return _NN_CONV_CALL(self, inputs)
+        # nn.Conv's own bias add, less its gradient: the convolution without a bias (the field
+        # flipped for this call only), then the same parameter, cast as nn.Conv casts it (kernel
+        # and bias share param_dtype, so y's dtype is what nn.Conv promotes both to).
+        object.__setattr__(self, "use_bias", False)
+        try:
+            y = _NN_CONV_CALL(self, inputs)
+        finally:
+            object.__setattr__(self, "use_bias", True)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        return add_bias(y, bias.astype(y.dtype))
 
 
 def conv_im2col(x: Array, kernel: Array, strides: int | Sequence[int] = 1,

@@ -3,6 +3,7 @@
 import itertools
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,6 +124,48 @@ def test_tanh_on_cpu_is_the_expm1_form_and_as_accurate_as_xlas(monkeypatch):
     monkeypatch.setenv("CNNJAX_CPU_REWRITES", "off")  # the CPU forms' opt-out
     # A new function, so that jit's trace cache (keyed by function, not environment) traces anew.
     assert "stablehlo.tanh" in jax.jit(lambda v: layers.tanh(v)).lower(x).as_text()
+
+
+@pytest.mark.parametrize("shape,dtype", [((128, 28, 28, 6), jnp.float32),  # rows of 32 x 6
+                                         ((3, 7, 5, 13), jnp.float32),  # 105 rows, odd: not folded
+                                         ((31, 1, 1, 1000), jnp.float32),  # too wide to fold
+                                         ((4, 8, 8, 16), jnp.bfloat16), ((6, 5), jnp.float32)])
+def test_channel_sum_on_cpu_folds_rows_and_matches_float64(shape, dtype, monkeypatch):
+    monkeypatch.setenv("CNNJAX_CPU_REWRITES", "on")  # conftest turns the CPU forms off here
+    g = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    exact = g.astype(np.float64).sum(tuple(range(g.ndim - 1)))
+    ours = jax.jit(layers.channel_sum)(jnp.asarray(g, dtype))
+    assert ours.dtype == dtype and ours.shape == shape[-1:]
+    # fp32 accumulation, bf16 included (one rounding to bf16 at the end).
+    tol = 1e-4 * np.sqrt(g.size // shape[-1]) if dtype == jnp.float32 else 2 ** -7 * np.abs(exact)
+    np.testing.assert_allclose(np.asarray(ours, np.float64), exact, rtol=0, atol=np.max(tol) + 1e-6)
+    # The folded form on CPU only: rows 32 x 6 = 192 floats wide for the first shape.
+    hlo = jax.jit(layers.channel_sum).lower(jnp.ones((128, 28, 28, 6))).as_text()
+    assert "tensor<3136x192xf32>" in hlo
+    gpu = jax.export.export(jax.jit(layers.channel_sum), platforms=["cuda"])(
+        jnp.ones((128, 28, 28, 6))).mlir_module()
+    assert "3136x192" not in gpu
+
+
+def test_conv_bias_gradient_is_a_channel_sum_and_matches_flax(monkeypatch):
+    monkeypatch.setenv("CNNJAX_CPU_REWRITES", "on")
+    x = jax.random.normal(jax.random.key(1), (4, 12, 12, 1))
+    ours, theirs = layers.Conv(6, (5, 5), padding="VALID"), nn.Conv(6, (5, 5), padding="VALID")
+    variables = ours.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
+        jnp.shape, theirs.init(jax.random.key(0), x))  # the same parameters, names and shapes
+    assert ours.use_bias  # the field is flipped only while the convolution is traced
+
+    def grads(module):
+        return jax.jit(jax.grad(lambda v: jnp.sum(jnp.sin(module.apply(v, x)))))(variables)
+
+    chex.assert_trees_all_close(grads(ours), grads(theirs), atol=1e-4, rtol=1e-5)
+    chex.assert_trees_all_close(ours.apply(variables, x), theirs.apply(variables, x), atol=1e-6)
+    hlo = jax.jit(jax.grad(lambda v: jnp.sum(ours.apply(v, x)))).lower(variables).as_text()
+    assert "tensor<8x192xf32>" in hlo  # 4 x 8 x 8 rows of 6 channels folded 32 at a time
+    monkeypatch.setenv("CNNJAX_CPU_REWRITES", "off")  # flax's own bias add
+    hlo = jax.jit(jax.grad(lambda v: jnp.sum(ours.apply(v, x) * 1.0))).lower(variables).as_text()
+    assert "8x192" not in hlo
 
 
 def test_unknown_activation_lists_close_matches():
