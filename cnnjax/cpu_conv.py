@@ -117,8 +117,8 @@ Array = jax.Array
 # interleaved runs (session 11) resnet20 trained 3.5% faster without the store, vgg16 at 32 px 4%,
 # resnet18, resnet50 and googlenet within noise. It keeps the store where its weight gradient is
 # XLA's (a filter count that is not a multiple of 8, on more than 8 channels), and so does
-# "native", where oneDNN is off
-# (XLA's forward pass and input gradient would fuse the input's producers into their loops).
+# "native", where oneDNN is off (XLA's forward pass and input gradient would fuse the input's
+# producers into their loops).
 
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 TAPS_MAX_CHANNELS = 3
