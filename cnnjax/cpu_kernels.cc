@@ -708,7 +708,9 @@ inline float LaneSum(vw v) {
   return (a[0] + a[2]) + (a[1] + a[3]);
 }
 
-constexpr int kDotOutputs = 8;  // output channels per dot tile, at most
+// Output channels per dot tile, at most: 8 with AVX-512's 32 registers, 7 with AVX's 16 (a tile
+// needs its O weight vectors, an input vector and at least O sums).
+constexpr int kDotOutputs = std::min(8, (kRegisters - 1) / 2);
 
 // v, kept in a register. GCC otherwise folds the load of a dot tile's weight vector into each of
 // the P multiply-adds that use it (P loads instead of one), which left C3's input gradient bound by
@@ -724,6 +726,7 @@ inline vw InRegister(vw v) {
 // registers, at most 8 pixels.
 template <int O>
 constexpr int DotPixels() { return std::min(8, (kRegisters - 1 - O) / O); }
+static_assert(DotPixels<kDotOutputs>() >= 1, "a dot tile holds at least one pixel");
 
 template <int P, int O>
 void DotTile(const RowJob& r, int64_t p0, int64_t o0) {

@@ -118,8 +118,10 @@ def _block_input_grad(conv_and_input):
 
 @needs_onednn
 def test_conv_passing_input_adds_the_shortcut_gradient_in_onednns_call(monkeypatch):
-    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 8))
-    w = jax.random.normal(jax.random.key(1), (3, 3, 8, 8))
+    # 12 channels: oneDNN's call, not the gather kernel's, with AVX-512's 16 lanes or AVX's 8 (16
+    # filters: the native weight gradient).
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 12))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 12, 16))
     padding = ((1, 1), (1, 1))
     ours = jax.jit(_block_input_grad(lambda x, w: cpu_conv.conv_passing_input(
         x, w, (1, 1), padding, dimension_numbers=cpu_conv._NHWC)))
@@ -154,13 +156,13 @@ class _Head(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        y, shortcut = layers.conv_and_input(self.conv(8, (3, 3), padding=1, dtype=self.dtype), x)
+        y, shortcut = layers.conv_and_input(self.conv(16, (3, 3), padding=1, dtype=self.dtype), x)
         return y, shortcut
 
 
 @needs_onednn
 def test_conv_and_input_passes_the_input_through_cnnjaxs_conv_only():
-    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 8))
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 12))  # 12 channels: oneDNN's call
     variables = _Head(nn.Conv).init(jax.random.key(1), x)
 
     def grad(head):
