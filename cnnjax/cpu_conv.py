@@ -464,7 +464,8 @@ def _form_function(form: str | None, conv: Callable[[Array, Array], Array], dot:
 
         def narrow_backward(x: Array, w: Array, g: Array) -> tuple[Array, Array]:
             if x.dtype == w.dtype == g.dtype == jnp.float32 and _gather_input_gradient(x, w):
-                x_grad = _input_gradient(conv, "native", x, w, g, strides, padding)
+                pads = pad_pairs(x.shape[1:3], w.shape[:2], strides, padding)
+                x_grad = cpu_kernels.input_gradient(g, w, x.shape, strides, pads)
             else:
                 x_grad = _row_input_gradient(g, w, x.shape, padding).astype(x.dtype)
             return x_grad, _weight_gradient(conv, x, w, g, strides, padding)

@@ -131,12 +131,13 @@ void BlockOf(int64_t cb, const Conv& s, const float* x, const float* g, const Ra
   Block<Vec, CB, V>(s, x, g, r, c0, o0, out);
 }
 
-// fn(c0, cb) for channels [0, ci) in near-equal blocks [c0, c0 + cb) of at most `most`.
+// fn(c0, cb) for [0, count) (channels, a row's pixels) in near-equal blocks [c0, c0 + cb) of at
+// most `most`.
 template <typename Fn>
-void ChannelBlocks(int64_t ci, int64_t most, const Fn& fn) {
-  const int64_t blocks = (ci + most - 1) / most;
+void EqualBlocks(int64_t count, int64_t most, const Fn& fn) {
+  const int64_t blocks = (count + most - 1) / most;
   for (int64_t b = 0, c0 = 0; b < blocks; ++b) {
-    const int64_t cb = (ci - c0) / (blocks - b);
+    const int64_t cb = (count - c0) / (blocks - b);
     fn(c0, cb);
     c0 += cb;
   }
@@ -147,7 +148,7 @@ void ChannelBlocks(int64_t ci, int64_t most, const Fn& fn) {
 template <typename Vec, int V>
 void Channels(const Conv& s, const float* x, const float* g, const Range& r, int64_t o0,
               float* out) {
-  ChannelBlocks(s.ci, MaxChannels<V>(), [&](int64_t c0, int64_t cb) {
+  EqualBlocks(s.ci, MaxChannels<V>(), [&](int64_t c0, int64_t cb) {
     BlockOf<Vec, V>(cb, s, x, g, r, c0, o0, out);
   });
 }
@@ -256,7 +257,7 @@ void RowChunk(const Conv& s, const float* x, const float* g, int64_t n0, int64_t
   ValidRange(s.h, s.ho, s.sh, i, s.pt, &oh0, &oh1);
   if (oh0 == oh1) return;
   float* out = acc + i * s.kw * s.ci * s.co;
-  ChannelBlocks(s.ci, kRowChannels, [&](int64_t c0, int64_t cb) {
+  EqualBlocks(s.ci, kRowChannels, [&](int64_t c0, int64_t cb) {
     RowBlockOf(cb, s, x, g, n0, n1, i, oh0, oh1, c0, out);
   });
 }
@@ -535,14 +536,8 @@ inline void StoreTile(const RowJob& r, const vw (&acc)[P][V], int64_t p0, int64_
 template <int V, int PM, typename Tile>
 inline void RowTiles(const RowJob& r, const Tile& tile) {
   constexpr int L = sizeof(vw) / sizeof(float);
-  const int64_t tiles = CeilDiv(r.pixels, PM);
-  for (int64_t o0 = 0; o0 < r.co; o0 += V * L) {
-    for (int64_t t = 0, p0 = 0; t < tiles; ++t) {
-      const int64_t p = (r.pixels - p0) / (tiles - t);
-      tile(p0, p, o0);
-      p0 += p;
-    }
-  }
+  for (int64_t o0 = 0; o0 < r.co; o0 += V * L)
+    EqualBlocks(r.pixels, PM, [&](int64_t p0, int64_t p) { tile(p0, p, o0); });
 }
 
 // Output pixels [p0, p0 + P) x channels [o0, o0 + V * lanes) of a row, summed over its taps. CI
@@ -769,12 +764,7 @@ void DotTileOf(int64_t p, const RowJob& r, int64_t p0, int64_t o0) {
 template <int O>
 void DotRowOf(const RowJob& r, int64_t o0) {
   constexpr int PM = DotPixels<O>();
-  const int64_t tiles = CeilDiv(r.pixels, PM);
-  for (int64_t t = 0, p0 = 0; t < tiles; ++t) {
-    const int64_t p = (r.pixels - p0) / (tiles - t);
-    DotTileOf<O, PM>(p, r, p0, o0);
-    p0 += p;
-  }
+  EqualBlocks(r.pixels, PM, [&](int64_t p0, int64_t p) { DotTileOf<O, PM>(p, r, p0, o0); });
 }
 
 template <int O = kDotOutputs>
