@@ -11,6 +11,13 @@ to `jax.jit(compiler_options=...)`: they apply to cnnjax's own steps, whatever t
 imported first, and they never touch XLA_FLAGS. Without the fusions XLA:CPU's own reductions are
 slow, so such steps trace their batch norms with blocked sums (`traced_for`, cnnjax/batchnorm.py).
 
+The jitted init of a train state (`init_options`) compiles at LLVM -O1 on CPU: that program is
+almost all threefry bit generation, one rolled loop per parameter tensor, and LLVM's -O2 spends about
+0.2 s on each (0.07 s at -O1) for a program that runs once. Measured on the 2-core CPU (2026-12-07,
+benchmarks/RESULTS.md "session 17"), init compiles 1.4x-3.1x faster (lenet5 1.37 -> 0.44 s, resnet20
+3.2 -> 1.2 s, densenet121@64 11.4 -> 8.0 s) with bit-identical parameters (-O0 would change about 4%
+of them by one ulp) and the same run time.
+
 Opt out with CNNJAX_XLA_OPTIONS=off, or set the same flag in XLA_FLAGS yourself (yours wins).
 """
 
@@ -31,6 +38,7 @@ from cnnjax import batchnorm
 YNN_FUSIONS = "xla_cpu_experimental_ynn_fusion_type"
 CPU_OPTIONS = {YNN_FUSIONS: ""}  # "" = no YNNPACK fusions
 SMALL_MODEL_PARAMS = 1_000_000  # measured boundary: see the module docstring
+INIT_CPU_OPTIONS = {"xla_backend_optimization_level": 1}  # see the module docstring
 
 
 def user_flag(name: str) -> str | None:
@@ -40,7 +48,7 @@ def user_flag(name: str) -> str | None:
 
 
 @functools.cache
-def _known(name: str, value: str) -> bool:
+def _known(name: str, value: Any) -> bool:
     """Whether this jaxlib accepts the option (a renamed or retired one is skipped, not fatal)."""
     try:
         jax.jit(jnp.negative, compiler_options={name: value}).lower(jnp.zeros(1)).compile()
@@ -49,15 +57,30 @@ def _known(name: str, value: str) -> bool:
     return True
 
 
+def _opted_out() -> bool:
+    return os.environ.get("CNNJAX_XLA_OPTIONS", "").lower() in ("off", "0", "false")
+
+
+def _usable(options: dict[str, Any]) -> dict[str, Any]:
+    """`options` less those XLA_FLAGS sets (the user's win) and those this jaxlib does not know."""
+    return {name: value for name, value in options.items()
+            if user_flag(name) is None and _known(name, value)}
+
+
 def step_options(mesh: Mesh, num_params: int) -> dict[str, str]:
     """The compiler options for the steps of a model with `num_params` parameters on `mesh`:
     CPU_OPTIONS for a small model on CPU, else none."""
-    if os.environ.get("CNNJAX_XLA_OPTIONS", "").lower() in ("off", "0", "false"):
+    if _opted_out() or mesh.devices.flat[0].platform != "cpu" or num_params >= SMALL_MODEL_PARAMS:
         return {}
-    if mesh.devices.flat[0].platform != "cpu" or num_params >= SMALL_MODEL_PARAMS:
+    return _usable(CPU_OPTIONS)
+
+
+def init_options(platform: str) -> dict[str, int]:
+    """The compiler options for a jitted state init on `platform`: INIT_CPU_OPTIONS on CPU, else
+    none (on GPU and TPU unmeasured, so XLA's default)."""
+    if _opted_out() or platform != "cpu":
         return {}
-    return {name: value for name, value in CPU_OPTIONS.items()
-            if user_flag(name) is None and _known(name, value)}
+    return _usable(INIT_CPU_OPTIONS)
 
 
 def traced_for(fn: Callable[..., Any], options: dict[str, str]) -> Callable[..., Any]:

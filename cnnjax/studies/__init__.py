@@ -27,7 +27,7 @@ import optax
 
 from cnnjax.sweep.runner import trial_dir
 from cnnjax.train.report import METRICS_FILE, read_metrics
-from cnnjax.train.state import init_fn
+from cnnjax.train.state import init_fn, jit_init
 
 __all__ = ["Trial", "load_trial", "first_seed_dirs", "rows_by_variant", "initial_variables",
            "init_variables", "training_curve", "final_training"]
@@ -98,7 +98,7 @@ def initial_variables(trial: Trial) -> dict[str, Any]:
 def init_variables(model: Any, input_shape: tuple[int, ...], seed: int) -> dict[str, Any]:
     """`model`'s variables as create_train_state initialises them from `seed` (params and, when the
     model has them, batch statistics); jitted, so init costs one compile, not one per initialiser."""
-    state = jax.jit(init_fn(model, optax.identity(), input_shape, False))(jax.random.PRNGKey(seed))
+    state = jit_init(init_fn(model, optax.identity(), input_shape, False))(jax.random.PRNGKey(seed))
     variables = {"params": state.params}
     if state.batch_stats:
         variables["batch_stats"] = state.batch_stats

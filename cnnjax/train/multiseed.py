@@ -38,7 +38,7 @@ from cnnjax.data.config import augment_from_config
 from cnnjax.data.pipeline import TrainOrder
 from cnnjax.train import loop, metrics, optim
 from cnnjax.train.setup import RunSetup
-from cnnjax.train.state import TrainState, count_params, create_train_state, init_fn
+from cnnjax.train.state import TrainState, count_params, create_train_state, init_fn, jit_init
 from cnnjax.train.step import eval_step, train_step
 
 # Schedules whose value is learning_rate * f(step): only these can share one optimizer across
@@ -168,7 +168,7 @@ class Members:
         run = self.run
         init = jax.vmap(init_fn(run.model, self.tx, run.input_shape, run.use_ema))
         keys = self._put(np.stack([jax.random.PRNGKey(s) for s in self.seeds]), self.member)
-        states = jax.jit(init, out_shardings=self.member)(keys)
+        states = jit_init(init, self.member)(keys)
         if self.learning_rates is None:
             return states
         # The rate lives in the optimizer state (optax.inject_hyperparams), one value per member.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -12,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
-from cnnjax import distributed
+from cnnjax import distributed, xla_options
 
 
 @flax.struct.dataclass
@@ -54,6 +55,15 @@ def init_fn(
     return init
 
 
+def jit_init(init: Callable[..., Any], out_shardings: NamedSharding | None = None) -> Callable[..., Any]:
+    """`init` jitted with the platform's init compiler options (`xla_options.init_options`: on CPU,
+    LLVM -O1, which compiles the init's random bits 1.4x-3x faster with the same values)."""
+    platform = (out_shardings.mesh.devices.flat[0].platform if out_shardings is not None
+                else jax.default_backend())
+    return jax.jit(init, out_shardings=out_shardings,
+                   compiler_options=xla_options.init_options(platform))
+
+
 def create_train_state(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -66,7 +76,7 @@ def create_train_state(
     """Initialises the state on device, replicated over `mesh` (input_shape is one image, HWC)."""
     init = init_fn(model, tx, input_shape, use_ema)
     # Initialising inside jit places every leaf straight onto its replicated sharding.
-    return jax.jit(init, out_shardings=distributed.replicated(mesh))(jax.random.PRNGKey(seed))
+    return jit_init(init, distributed.replicated(mesh))(jax.random.PRNGKey(seed))
 
 
 def abstract_train_state(
