@@ -146,6 +146,9 @@ def test_default_cache_dir_and_off_switch(tmp_path, monkeypatch, restore_cache_c
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert compile_cache.default_cache_dir() == tmp_path / "cnnjax" / "jax"
     assert compile_cache.enable_compilation_cache() == tmp_path / "cnnjax" / "jax"
+    # A launch's init, preprocessing and eval programs compile in 0.05-0.6 s: the default caches them.
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == compile_cache.MIN_COMPILE_SECONDS
+    assert compile_cache.MIN_COMPILE_SECONDS <= 0.1
     monkeypatch.setenv(compile_cache.CACHE_ENV, "off")
     before = jax.config.jax_compilation_cache_dir
     assert compile_cache.enable_compilation_cache() is None
