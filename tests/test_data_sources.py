@@ -61,6 +61,19 @@ def test_digits_is_split_deterministically_and_stratified():
 
 
 @pytest.mark.skipif(not MNIST.exists(), reason=f"real MNIST IDX files not found at {MNIST}")
+def test_digits_read_from_the_csv_equal_scikit_learns_and_the_fallback(monkeypatch):
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images, labels = sources.digits_arrays()
+    np.testing.assert_array_equal(images, bunch.images)
+    np.testing.assert_array_equal(labels, bunch.target)
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)  # no file to read
+    images, labels = sources.digits_arrays()
+    np.testing.assert_array_equal(images, bunch.images)
+    np.testing.assert_array_equal(labels, bunch.target)
+
+
 def test_idx_reader_on_real_mnist():
     train_images = idx.read_idx(MNIST / "train-images-idx3-ubyte.gz")
     train_labels = idx.read_idx(MNIST / "train-labels-idx1-ubyte.gz")
