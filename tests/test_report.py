@@ -5,6 +5,8 @@ import io
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -136,3 +138,23 @@ def test_summary_table():
         "input_shape": "32 x 32 x 1",
         "images_per_second": "12,345.7",
     }
+
+
+def test_tensorboard_writer_does_not_import_torch(tmp_path):
+    # tensorboardX imports an installed torch at import time; a stand-in torch tells if it ran.
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("STAND_IN = True\n")
+    script = (
+        "import sys\n"
+        "from cnnjax.train import report\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "import torch\n"
+        "assert torch.STAND_IN\n"  # and still importable afterwards
+        f"w = report.SummaryWriter({str(tmp_path / 'tb')!r}); w.add_scalar('loss', 1.5, 0); w.close()\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    assert glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
