@@ -1,6 +1,6 @@
 """The `--out FILE` of the CPU benchmark scripts (cpu_norm_act.py, cpu_conv_layers.py,
-cpu_step_vs_torch.py): a results file is never overwritten, and it records the date, the device and
-JAX's versions beside the script's numbers."""
+cpu_step_vs_torch.py, init_compile.py): a results file is never overwritten, and it records the
+date, the device and JAX's versions beside the script's numbers."""
 
 from __future__ import annotations
 

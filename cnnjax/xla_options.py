@@ -14,9 +14,10 @@ slow, so such steps trace their batch norms with blocked sums (`traced_for`, cnn
 The jitted init of a train state (`init_options`) compiles at LLVM -O1 on CPU: that program is
 almost all threefry bit generation, one rolled loop per parameter tensor, and LLVM's -O2 spends about
 0.2 s on each (0.07 s at -O1) for a program that runs once. Measured on the 2-core CPU (2026-12-07,
-benchmarks/RESULTS.md "session 17"), init compiles 1.4x-3.1x faster (lenet5 1.37 -> 0.44 s, resnet20
-3.2 -> 1.2 s, densenet121@64 11.4 -> 8.0 s) with bit-identical parameters (-O0 would change about 4%
-of them by one ulp) and the same run time.
+`python benchmarks/init_compile.py ...`, benchmarks/init-compile-2026-12-07.json), init compiles
+1.2x-3.3x faster (lenet5 1.49 -> 0.46 s, resnet20 2.81 -> 1.08 s, googlenet@64 8.95 -> 4.83 s,
+densenet121@64 9.13 -> 7.89 s) with bit-identical parameters (-O0 would change about 4% of them by
+one ulp) and the same run time.
 
 Opt out with CNNJAX_XLA_OPTIONS=off, or set the same flag in XLA_FLAGS yourself (yours wins).
 """

@@ -83,5 +83,5 @@ def test_init_at_o1_gives_the_parameters_of_o2():
     o1, o2 = (jax.tree.leaves(lowered.compile({"xla_backend_optimization_level": level})(
         jax.random.PRNGKey(3))) for level in (1, 2))
     assert len(o1) == len(o2) > 10
-    for a, b in zip(o1, o2):
+    for a, b in zip(o1, o2, strict=True):
         np.testing.assert_array_equal(a, b)

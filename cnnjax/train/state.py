@@ -57,7 +57,7 @@ def init_fn(
 
 def jit_init(init: Callable[..., Any], out_shardings: NamedSharding | None = None) -> Callable[..., Any]:
     """`init` jitted with the platform's init compiler options (`xla_options.init_options`: on CPU,
-    LLVM -O1, which compiles the init's random bits 1.4x-3x faster with the same values)."""
+    LLVM -O1, which compiles the init's random bits 1.2x-3.3x faster with the same values)."""
     platform = (out_shardings.mesh.devices.flat[0].platform if out_shardings is not None
                 else jax.default_backend())
     return jax.jit(init, out_shardings=out_shardings,
