@@ -198,7 +198,7 @@ def _native(x: Array, residual: Array | None, dtype: Any, param_dtype: Any) -> b
     return (x.dtype == jnp.float32
             and (residual is None or (residual.dtype == jnp.float32 and residual.shape == x.shape))
             and dtype in (None, jnp.float32) and param_dtype == jnp.float32
-            and cpu_kernels.enabled() and cpu_kernels.available())
+            and cpu_kernels.usable())
 
 
 class BatchNorm(nn.BatchNorm):

@@ -377,8 +377,7 @@ def _cpu_form(lhs: Array, rhs: Array, strides: tuple[int, int], padding: Any, lh
             strides, preferred_element_type):
         if onednn.enabled() and onednn.available() and _onednn_beside(form, rhs.shape):
             return "onednn"
-        if (form is None and rhs.shape[3] % 8 == 0 and cpu_kernels.enabled()
-                and cpu_kernels.available()):
+        if form is None and rhs.shape[3] % 8 == 0 and cpu_kernels.usable():
             return "native"
     return form
 
@@ -487,8 +486,7 @@ def _gather_fits(c_in: int, c_out: int, outputs: int) -> bool:
     """Whether cnnjax's own convolution loops take a pass of c_in -> c_out channels writing
     `outputs` floats ("gather kernel" above): the kernels on and built, and
     `cpu_kernels.conv_fits`."""
-    return (cpu_kernels.enabled() and cpu_kernels.available()
-            and cpu_kernels.conv_fits(c_in, c_out, outputs))
+    return cpu_kernels.usable() and cpu_kernels.conv_fits(c_in, c_out, outputs)
 
 
 def _gather_forward(x: Array, w: Array, strides: tuple[int, int], padding: Any) -> bool:
@@ -501,8 +499,7 @@ def _gather_forward(x: Array, w: Array, strides: tuple[int, int], padding: Any) 
 def _gather_input_gradient(x: Array, w: Array) -> bool:
     """Whether the gather kernel takes this layer's input gradient (it reads the output
     gradient's channels and writes x's; its dot tiles where x has few channels)."""
-    return (cpu_kernels.enabled() and cpu_kernels.available()
-            and cpu_kernels.input_gradient_fits(x.shape[3], w.shape[3], x.size))
+    return cpu_kernels.usable() and cpu_kernels.input_gradient_fits(x.shape[3], w.shape[3], x.size)
 
 
 def _forward(conv: Callable[[Array, Array], Array], form: str, x: Array, w: Array,
@@ -556,7 +553,7 @@ def _native_weight_gradient(x: Array, w: Array, strides: tuple[int, int], paddin
     filters = w.shape[3] % 8 == 0 or x.shape[3] <= cpu_kernels.NARROW_CHANNELS
     return (x.dtype == w.dtype == jnp.float32 and filters
             and min(p for pair in pads for p in pair) >= 0
-            and cpu_kernels.enabled() and cpu_kernels.available())
+            and cpu_kernels.usable())
 
 
 def depthwise_conv(x: Array, w: Array, strides: int | Sequence[int] = 1, padding: Any = "SAME", *,

@@ -53,6 +53,12 @@ def enabled() -> bool:
     return os.environ.get(ENV, "on").lower() not in ("off", "0", "false")
 
 
+def usable() -> bool:
+    """Whether traced code may call the kernels now: `enabled()`, and only then `available()` (so
+    CNNJAX_CPU_NATIVE=off never builds or checks the library)."""
+    return enabled() and available()
+
+
 def cache_dir() -> Path:
     """$CNNJAX_NATIVE_CACHE, else $XDG_CACHE_HOME/cnnjax/native, else ~/.cache/cnnjax/native."""
     if os.environ.get(CACHE_ENV):

@@ -35,6 +35,20 @@ def test_available_where_a_compiler_is():
     assert cpu_kernels.available()
 
 
+def test_usable_means_enabled_then_available(monkeypatch):
+    def not_to_be_called():
+        raise AssertionError("available() ran with the kernels off")
+
+    monkeypatch.setattr(cpu_kernels, "available", not_to_be_called)
+    monkeypatch.setenv(cpu_kernels.ENV, "off")
+    assert not cpu_kernels.usable()  # off: no build, no check
+    monkeypatch.setenv(cpu_kernels.ENV, "on")
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    assert not cpu_kernels.usable()
+    monkeypatch.setattr(cpu_kernels, "available", lambda: True)
+    assert cpu_kernels.usable()
+
+
 # (input shape, kernel shape, strides, explicit padding). Between them, with AVX-512's 16-float
 # vectors (AVX's 8 in brackets): 16 output channels (1 vector [2]), 24 (1 vector and an 8-float
 # tail [2 + 1]), 8 (the tail alone [1]), 40 (a 2-vector block and the tail [2 + 2 + 1]), 64 (two
