@@ -60,7 +60,6 @@ def test_digits_is_split_deterministically_and_stratified():
     assert np.array_equal(again.splits["validation"].images, ds.splits["validation"].images)
 
 
-@pytest.mark.skipif(not MNIST.exists(), reason=f"real MNIST IDX files not found at {MNIST}")
 def test_digits_read_from_the_csv_equal_scikit_learns_and_the_fallback(monkeypatch):
     from sklearn.datasets import load_digits
 
@@ -74,6 +73,7 @@ def test_digits_read_from_the_csv_equal_scikit_learns_and_the_fallback(monkeypat
     np.testing.assert_array_equal(labels, bunch.target)
 
 
+@pytest.mark.skipif(not MNIST.exists(), reason=f"real MNIST IDX files not found at {MNIST}")
 def test_idx_reader_on_real_mnist():
     train_images = idx.read_idx(MNIST / "train-images-idx3-ubyte.gz")
     train_labels = idx.read_idx(MNIST / "train-labels-idx1-ubyte.gz")
