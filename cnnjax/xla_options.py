@@ -1,4 +1,5 @@
-"""XLA compiler options for cnnjax's jitted train and eval steps, chosen per platform by measurement.
+"""XLA compiler options for cnnjax's jitted train and eval steps and state inits, chosen per
+platform by measurement.
 
 On CPU, jaxlib 0.10 routes convolutions and the elementwise work around them into YNNPACK fusions.
 For small networks, the ones people train on a CPU, XLA's own kernels are faster: without the

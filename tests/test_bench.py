@@ -312,6 +312,14 @@ def test_cpu_plan_times_both_torch_modes_in_alternating_blocks():
                        "eager", "--json"]
 
 
+def test_cpu_plan_times_resnet20s_epoch_against_torch():
+    plan = bench_suite.PLANS["cpu"]
+    assert plan["epoch"] == {"resnet20": 128, "resnet18": None}
+    cmd = bench_suite.epoch_command("resnet20", 128, plan, torch=True)
+    assert cmd[1:] == ["-m", "cnnjax.bench_epoch", "resnet20", "--batch-size", "128", "--precision",
+                       "fp32", "--json", "--compare-torch"]
+
+
 def test_cpu_step_against_torch_alternates_blocks_and_prints_json(capsys):
     import cpu_step_vs_torch  # benchmarks/cpu_step_vs_torch.py
 
