@@ -312,6 +312,15 @@ def test_cpu_plan_times_both_torch_modes_in_alternating_blocks():
                        "eager", "--json"]
 
 
+def test_cpu_plan_compiles_every_224px_model():
+    plan = bench_suite.PLANS["cpu"]
+    skipped = {m for m, size in bench_suite.SUITE if plan["batch"].get(m) is None}
+    assert skipped == {"resnet50", "efficientnet_b0", "mobilenet_v2", "densenet121", "vgg16",
+                       "googlenet"}
+    assert skipped < set(plan["compile_only"]) and {"resnet152", "densenet201"} < set(
+        plan["compile_only"])
+
+
 def test_cpu_plan_times_resnet20s_epoch_against_torch():
     plan = bench_suite.PLANS["cpu"]
     assert plan["epoch"] == {"resnet20": 128, "resnet18": None}
