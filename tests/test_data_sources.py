@@ -1,6 +1,8 @@
 """Data sources: digits, IDX (real MNIST and written files), npz, folder, and every bad-input DataError."""
 
 import gzip
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -71,6 +73,13 @@ def test_digits_read_from_the_csv_equal_scikit_learns_and_the_fallback(monkeypat
     images, labels = sources.digits_arrays()
     np.testing.assert_array_equal(images, bunch.images)
     np.testing.assert_array_equal(labels, bunch.target)
+
+
+def test_loading_the_digits_does_not_import_scikit_learn():
+    script = ("import sys\nfrom cnnjax.data import sources\nsources.load_digits(0.1)\n"
+              "assert 'sklearn' not in sys.modules, 'sklearn was imported'\nprint('ok')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 @pytest.mark.skipif(not MNIST.exists(), reason=f"real MNIST IDX files not found at {MNIST}")
