@@ -38,6 +38,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <thread>
 #include <vector>
 
@@ -121,14 +122,16 @@ constexpr int MaxChannels() {
   return kAccumulators / V < kMaxChannelBlock ? kAccumulators / V : kMaxChannelBlock;
 }
 
-// Block<Vec, cb, V> for a runtime cb in [CB, MaxChannels<V>()].
-template <typename Vec, int V, int CB = 1>
-void BlockOf(int64_t cb, const Conv& s, const float* x, const float* g, const Range& r, int64_t c0,
-             int64_t o0, float* out) {
-  if constexpr (CB < MaxChannels<V>()) {
-    if (cb > CB) return BlockOf<Vec, V, CB + 1>(cb, s, x, g, r, c0, o0, out);
+// fn(std::integral_constant<int, k>{}) for a runtime k in [Lo, Hi] (clamped to it): the loops
+// below take their block and tile sizes as template arguments, so that each size compiles to
+// fully unrolled code with its accumulators in registers; this picks the instance for a count
+// known only at run time. It tries Hi first, the size of every full block or tile.
+template <int Lo, int Hi, typename Fn>
+void WithConstant(int64_t k, const Fn& fn) {
+  if constexpr (Hi > Lo) {
+    if (k < Hi) return WithConstant<Lo, Hi - 1>(k, fn);
   }
-  Block<Vec, CB, V>(s, x, g, r, c0, o0, out);
+  fn(std::integral_constant<int, Hi>{});
 }
 
 // fn(c0, cb) for [0, count) (channels, a row's pixels) in near-equal blocks [c0, c0 + cb) of at
@@ -149,7 +152,9 @@ template <typename Vec, int V>
 void Channels(const Conv& s, const float* x, const float* g, const Range& r, int64_t o0,
               float* out) {
   EqualBlocks(s.ci, MaxChannels<V>(), [&](int64_t c0, int64_t cb) {
-    BlockOf<Vec, V>(cb, s, x, g, r, c0, o0, out);
+    WithConstant<1, MaxChannels<V>()>(cb, [&](auto c) {
+      Block<Vec, decltype(c)::value, V>(s, x, g, r, c0, o0, out);
+    });
   });
 }
 
@@ -234,16 +239,6 @@ void RowBlock(const Conv& s, const float* x, const float* g, int64_t n0, int64_t
     }
 }
 
-// RowBlock<cb> for a runtime cb in [CB, kRowChannels].
-template <int CB = 1>
-void RowBlockOf(int64_t cb, const Conv& s, const float* x, const float* g, int64_t n0, int64_t n1,
-                int64_t i, int64_t oh0, int64_t oh1, int64_t c0, float* out) {
-  if constexpr (CB < kRowChannels) {
-    if (cb > CB) return RowBlockOf<CB + 1>(cb, s, x, g, n0, n1, i, oh0, oh1, c0, out);
-  }
-  RowBlock<CB>(s, x, g, n0, n1, i, oh0, oh1, c0, out);
-}
-
 // Whether RowChunk takes this layer's kernel rows: stride 1 along the width, kRowTaps taps wide,
 // one vector of output channels.
 bool RowTaps(const Conv& s) {
@@ -258,7 +253,9 @@ void RowChunk(const Conv& s, const float* x, const float* g, int64_t n0, int64_t
   if (oh0 == oh1) return;
   float* out = acc + i * s.kw * s.ci * s.co;
   EqualBlocks(s.ci, kRowChannels, [&](int64_t c0, int64_t cb) {
-    RowBlockOf(cb, s, x, g, n0, n1, i, oh0, oh1, c0, out);
+    WithConstant<1, kRowChannels>(cb, [&](auto c) {
+      RowBlock<decltype(c)::value>(s, x, g, n0, n1, i, oh0, oh1, c0, out);
+    });
   });
 }
 
@@ -345,16 +342,6 @@ void ExpandedTaps(const Expanded& x, const float* ext, const int64_t* off, const
 
 constexpr int kExpandedTaps = kRegisters - 4;
 
-// ExpandedTaps<t> for a runtime t in [1, T].
-template <int T = kExpandedTaps>
-void ExpandedTapsOf(int64_t t, const Expanded& x, const float* ext, const int64_t* off,
-                    const float* g, const float* tail, int64_t ho, int64_t sh, vw* accv) {
-  if constexpr (T > 1) {
-    if (t < T) return ExpandedTapsOf<T - 1>(t, x, ext, off, g, tail, ho, sh, accv);
-  }
-  ExpandedTaps<T>(x, ext, off, g, tail, ho, sh, accv);
-}
-
 void ExpandedWeightGradient(ffi::ThreadPool& pool, const Conv& s, const float* x, const float* g,
                             float* out) {
   constexpr int64_t L = sizeof(vw) / sizeof(float);
@@ -407,8 +394,10 @@ void ExpandedWeightGradient(ffi::ThreadPool& pool, const Conv& s, const float* x
                     (e.len % L) * sizeof(float));
     vw* acc = accv[worker].data() + c * taps * e.vectors;
     for (int64_t t0 = 0; t0 < taps; t0 += kExpandedTaps)
-      ExpandedTapsOf(std::min<int64_t>(kExpandedTaps, taps - t0), e, rows, off.data() + t0, gn,
-                     tail, s.ho, s.sh, acc + t0 * e.vectors);
+      WithConstant<1, kExpandedTaps>(taps - t0, [&](auto t) {
+        ExpandedTaps<decltype(t)::value>(e, rows, off.data() + t0, gn, tail, s.ho, s.sh,
+                                         acc + t0 * e.vectors);
+      });
   });
   std::fill(out, out + taps * s.ci * s.co, 0.f);
   for (int w = 0; w < workers; ++w)
@@ -636,22 +625,13 @@ bool Triples(const RowJob& r) {
   return true;
 }
 
-// GatherTile<p, V, CI, S> for a runtime p in [1, P].
-template <int V, int CI, int S, int P>
-void GatherTileOf(int64_t p, const RowJob& r, int64_t p0, int64_t o0) {
-  if constexpr (P > 1) {
-    if (p < P) return GatherTileOf<V, CI, S, P - 1>(p, r, p0, o0);
-  }
-  GatherTile<P, V, CI, S>(r, p0, o0);
-}
-
 // The whole row: near-equal tiles of at most kAccumulators / V pixels, for each block of V
 // vectors of output channels.
 template <int V, int CI, int S>
 void GatherRowOf(const RowJob& r) {
   constexpr int PM = kAccumulators / V;
   RowTiles<V, PM>(r, [&](int64_t p0, int64_t p, int64_t o0) {
-    GatherTileOf<V, CI, S, PM>(p, r, p0, o0);
+    WithConstant<1, PM>(p, [&](auto n) { GatherTile<decltype(n)::value, V, CI, S>(r, p0, o0); });
   });
 }
 
@@ -751,20 +731,13 @@ void DotTile(const RowJob& r, int64_t p0, int64_t o0) {
   }
 }
 
-// DotTile<p, O> for a runtime p in [1, P].
-template <int O, int P>
-void DotTileOf(int64_t p, const RowJob& r, int64_t p0, int64_t o0) {
-  if constexpr (P > 1) {
-    if (p < P) return DotTileOf<O, P - 1>(p, r, p0, o0);
-  }
-  DotTile<P, O>(r, p0, o0);
-}
-
 // Output channels [o0, o0 + O) of a row, in near-equal tiles of at most DotPixels<O>() pixels.
 template <int O>
 void DotRowOf(const RowJob& r, int64_t o0) {
   constexpr int PM = DotPixels<O>();
-  EqualBlocks(r.pixels, PM, [&](int64_t p0, int64_t p) { DotTileOf<O, PM>(p, r, p0, o0); });
+  EqualBlocks(r.pixels, PM, [&](int64_t p0, int64_t p) {
+    WithConstant<1, PM>(p, [&](auto n) { DotTile<decltype(n)::value, O>(r, p0, o0); });
+  });
 }
 
 template <int O = kDotOutputs>
