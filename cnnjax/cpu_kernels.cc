@@ -600,19 +600,11 @@ void GatherTriples(const RowJob& r, int64_t p0, int64_t o0) {
   StoreTile<P, V>(r, acc, p0, o0);
 }
 
-template <int V, int CI, int P>
-void GatherTriplesOf(int64_t p, const RowJob& r, int64_t p0, int64_t o0) {
-  if constexpr (P > 1) {
-    if (p < P) return GatherTriplesOf<V, CI, P - 1>(p, r, p0, o0);
-  }
-  GatherTriples<P, V, CI>(r, p0, o0);
-}
-
 template <int V, int CI>
 void GatherTriplesRow(const RowJob& r) {
   constexpr int PM = TriplePixels<V>();
   RowTiles<V, PM>(r, [&](int64_t p0, int64_t p, int64_t o0) {
-    GatherTriplesOf<V, CI, PM>(p, r, p0, o0);
+    WithConstant<1, PM>(p, [&](auto n) { GatherTriples<decltype(n)::value, V, CI>(r, p0, o0); });
   });
 }
 
@@ -740,18 +732,10 @@ void DotRowOf(const RowJob& r, int64_t o0) {
   });
 }
 
-template <int O = kDotOutputs>
-void DotRowFor(int64_t o, const RowJob& r, int64_t o0) {
-  if constexpr (O > 1) {
-    if (o < O) return DotRowFor<O - 1>(o, r, o0);
-  }
-  DotRowOf<O>(r, o0);
-}
-
 // A row of any output channel count, kDotOutputs at a time.
 void DotRow(const RowJob& r) {
   for (int64_t o0 = 0; o0 < r.co; o0 += kDotOutputs)
-    DotRowFor(std::min<int64_t>(kDotOutputs, r.co - o0), r, o0);
+    WithConstant<1, kDotOutputs>(r.co - o0, [&](auto o) { DotRowOf<decltype(o)::value>(r, o0); });
 }
 
 // One output row; zeros (or the addend) where no tap reaches it. Where co is a multiple of lanes
