@@ -1,9 +1,11 @@
-"""CPU benchmark: compile time of a train state's jitted init at XLA's default (LLVM -O2) and at -O1.
+"""CPU benchmark: compile time of a train state's jitted init, as jax.jit makes it and as cnnjax does.
 
-A state init is almost all threefry bit generation, one rolled loop per parameter tensor; the
-engine compiles it with `xla_options.init_options` (-O1 on CPU). For each model this lowers the
-init once, compiles it at both levels, runs each once, and checks that the parameters, batch
-statistics and optimizer state agree bit for bit.
+A state init is almost all threefry bit generation, one rolled loop per parameter tensor. The
+engine (`state.jit_init`) batches the draws (`init_batching`: one hash loop per wave of keys) and
+compiles at `xla_options.init_options` (-O1 on CPU). For each model this traces and compiles three
+ways, cnnjax's first (so it meets jax's cold caches: the later traces are a little quicker): "batched" (batched, -O1, what jit_init does),
+"init_options" (plain jit at -O1) and "default" (plain jit at XLA's LLVM -O2); runs each once; and
+checks that the parameters, batch statistics and optimizer state agree bit for bit.
 
     python benchmarks/init_compile.py lenet5 resnet20 densenet121 [--image-size 64] [--out F.json]
 
@@ -23,29 +25,38 @@ import optax
 import results_file  # benchmarks/results_file.py, beside this script
 
 from cnnjax import distributed, models, xla_options
+from cnnjax.train import init_batching
 from cnnjax.train import state as train_state
 
+VARIANT_OPTIONS = xla_options.INIT_CPU_OPTIONS
 SMALL_INPUT = {"lenet5": 32, "resnet20": 32, "resnet32": 32, "resnet56": 32, "densenet_bc100": 32}
 
 
 def measure(name: str, image_size: int) -> dict:
     spec = models.get_spec(name)
     size = SMALL_INPUT.get(name, image_size)
-    init = train_state.init_fn(models.create_model(name), optax.sgd(0.1, momentum=0.9),
-                               (size, size, spec.in_channels), False)
-    mesh = distributed.make_mesh()
-    lowered = jax.jit(init, out_shardings=distributed.replicated(mesh)).lower(jax.random.PRNGKey(0))
+
+    def fresh_init():  # a new function each time, so no variant reuses another's trace
+        return train_state.init_fn(models.create_model(name), optax.sgd(0.1, momentum=0.9),
+                                   (size, size, spec.in_channels), False)
+
+    replicated = distributed.replicated(distributed.make_mesh())
     row, leaves = {"model": name, "image_size": size}, []
-    for label, options in (("default", {}), ("init_options", xla_options.INIT_CPU_OPTIONS)):
+    for label, fn, options in (("batched", init_batching.batch_random(fresh_init()), VARIANT_OPTIONS),
+                               ("init_options", fresh_init(), VARIANT_OPTIONS),
+                               ("default", fresh_init(), {})):
         start = time.perf_counter()
+        lowered = jax.jit(fn, out_shardings=replicated).lower(jax.random.PRNGKey(0))
+        traced_at = time.perf_counter()
         compiled = lowered.compile(options)
         compiled_at = time.perf_counter()
         out = jax.block_until_ready(compiled(jax.random.PRNGKey(0)))
-        row[f"{label}_compile_s"] = round(compiled_at - start, 3)
+        row[f"{label}_trace_s"] = round(traced_at - start, 3)
+        row[f"{label}_compile_s"] = round(compiled_at - traced_at, 3)
         row[f"{label}_run_s"] = round(time.perf_counter() - compiled_at, 3)
         leaves.append([np.asarray(x) for x in jax.tree.leaves(out)])
-    row["identical"] = all(np.array_equal(a, b) for a, b in zip(*leaves, strict=True))
-    row["speedup"] = round(row["default_compile_s"] / row["init_options_compile_s"], 2)
+    row["identical"] = all(np.array_equal(a, b) for other in leaves[1:]
+                           for a, b in zip(leaves[0], other, strict=True))
     return row
 
 
@@ -65,10 +76,10 @@ def main() -> None:
     for name in args.models:
         rows.append(measure(name, args.image_size))
         r = rows[-1]
-        print(f"{name}@{r['image_size']}: compile {r['default_compile_s']:.2f} s at -O2, "
-              f"{r['init_options_compile_s']:.2f} s at -O1 ({r['speedup']:.2f}x); run "
-              f"{r['default_run_s']:.2f} / {r['init_options_run_s']:.2f} s; identical {r['identical']}",
-              flush=True)
+        print(f"{name}@{r['image_size']}: " + "; ".join(
+            f"{label} trace {r[label + '_trace_s']:.2f} + compile {r[label + '_compile_s']:.2f} s"
+            f" (run {r[label + '_run_s']:.2f})" for label in ("batched", "init_options", "default"))
+            + f"; identical {r['identical']}", flush=True)
     if args.out:
         results_file.save_new(args.out, options=xla_options.INIT_CPU_OPTIONS, rows=rows)
     else:
