@@ -46,6 +46,9 @@ INPUT_GRADIENT = "cnnjax_conv_input_gradient"
 NORM_ACT = "cnnjax_norm_act"
 NORM_ACT_BACKWARD = "cnnjax_norm_act_backward"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+# Under jax.vmap (multiseed's K members) each call runs once per member: the kernels take one
+# NHWC batch, and each member has its own weights.
+VMAP_METHOD = "sequential"
 
 
 def enabled() -> bool:
@@ -134,7 +137,8 @@ def weight_gradient(x: Array, g: Array, kernel: Sequence[int], strides: Sequence
     _register()
     (kh, kw), (sh, sw), ((pt, _), (pl, _)) = kernel, strides, padding
     call = jax.ffi.ffi_call(WEIGHT_GRADIENT,
-                            jax.ShapeDtypeStruct((kh, kw, x.shape[3], g.shape[3]), jnp.float32))
+                            jax.ShapeDtypeStruct((kh, kw, x.shape[3], g.shape[3]), jnp.float32),
+                            vmap_method=VMAP_METHOD)
     return call(x, g, sh=np.int64(sh), sw=np.int64(sw), pt=np.int64(pt), pl=np.int64(pl))
 
 
@@ -196,7 +200,7 @@ def conv(x: Array, w: Array, strides: Sequence[int], padding: Sequence[tuple[int
     output is written; C_out a multiple of `vector_floats()`. CPU only; `available()` first."""
     _register()
     shape = conv_output_shape(x.shape, w.shape, strides, padding)
-    call = jax.ffi.ffi_call(CONV, jax.ShapeDtypeStruct(shape, jnp.float32))
+    call = jax.ffi.ffi_call(CONV, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method=VMAP_METHOD)
     return call(x, w, *([] if addend is None else [addend]), **_pads_and_strides(strides, padding))
 
 
@@ -207,7 +211,8 @@ def input_gradient(g: Array, w: Array, x_shape: Sequence[int], strides: Sequence
     `vector_floats()` (`input_gradient_fits`). One call at any stride: each input pixel sums only
     the taps that reach it. CPU only; `available()` first."""
     _register()
-    call = jax.ffi.ffi_call(INPUT_GRADIENT, jax.ShapeDtypeStruct(tuple(x_shape), jnp.float32))
+    call = jax.ffi.ffi_call(INPUT_GRADIENT, jax.ShapeDtypeStruct(tuple(x_shape), jnp.float32),
+                            vmap_method=VMAP_METHOD)
     return call(g, w, *([] if addend is None else [addend]), **_pads_and_strides(strides, padding))
 
 
@@ -218,7 +223,8 @@ def norm_act(x: Array, scale: Array, bias: Array, residual: Array | None, epsilo
     `available()` first."""
     _register()
     stat = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
-    call = jax.ffi.ffi_call(NORM_ACT, (jax.ShapeDtypeStruct(x.shape, jnp.float32), stat, stat))
+    call = jax.ffi.ffi_call(NORM_ACT, (jax.ShapeDtypeStruct(x.shape, jnp.float32), stat, stat),
+                            vmap_method=VMAP_METHOD)
     return call(x, scale, bias, *([] if residual is None else [residual]),
                 eps=np.float32(epsilon), relu=bool(relu))
 
@@ -234,7 +240,7 @@ def norm_act_backward(x: Array, out: Array, g: Array, mean: Array, inv: Array, s
     stat = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
     full = jax.ShapeDtypeStruct(x.shape, jnp.float32)
     results = (full, stat, stat) + ((full,) if relu and residual else ())
-    call = jax.ffi.ffi_call(NORM_ACT_BACKWARD, results)
+    call = jax.ffi.ffi_call(NORM_ACT_BACKWARD, results, vmap_method=VMAP_METHOD)
     return call(x, out, g, mean, inv, scale, bias, g_mean, g_var, relu=bool(relu))
 
 

@@ -187,6 +187,29 @@ def test_gather_convolution_and_input_gradient_match_xla(x_shape, w_shape, strid
 
 
 @needs_native
+def test_every_kernel_runs_under_vmap_once_per_member():
+    # multiseed vmaps the engine's step over K members: each call runs member by member.
+    rng = np.random.default_rng(1)
+    k, strides, padding = 2, (1, 1), ((1, 1), (1, 1))
+    x, g = (rng.standard_normal((k, 2, 5, 5, 16), np.float32) for _ in range(2))
+    w = rng.standard_normal((k, 3, 3, 16, 16), np.float32)
+    scale, bias = rng.standard_normal((2, k, 16), np.float32)
+
+    def calls(x, w, g, scale, bias):
+        out, mean, var = cpu_kernels.norm_act(x, scale, bias, None, 1e-5, True)
+        return [cpu_kernels.conv(x, w, strides, padding),
+                cpu_kernels.input_gradient(g, w, x.shape, strides, padding),
+                cpu_kernels.weight_gradient(x, g, (3, 3), strides, padding), out, mean, var,
+                *cpu_kernels.norm_act_backward(x, out, g, mean, lax.rsqrt(var + 1e-5), scale, bias,
+                                               mean, var, relu=True, residual=False)]
+
+    vmapped = jax.jit(jax.vmap(calls))(x, w, g, scale, bias)
+    members = [jax.jit(calls)(x[i], w[i], g[i], scale[i], bias[i]) for i in range(k)]
+    chex.assert_trees_all_close(vmapped, jax.tree.map(lambda *m: np.stack(m), *members),
+                                atol=1e-6, rtol=1e-6)
+
+
+@needs_native
 def test_gather_kernel_names_a_shape_it_cannot_take():
     lanes = cpu_kernels.vector_floats()
     x, w = jnp.ones((1, 4, 4, 16)), jnp.ones((3, 3, 16, lanes + 4))
