@@ -3,9 +3,10 @@
 A state init is almost all threefry bit generation, one rolled loop per parameter tensor. The
 engine (`state.jit_init`) batches the draws (`init_batching`: one hash loop per wave of keys) and
 compiles at `xla_options.init_options` (-O1 on CPU). For each model this traces and compiles three
-ways, cnnjax's first (so it meets jax's cold caches: the later traces are a little quicker): "batched" (batched, -O1, what jit_init does),
-"init_options" (plain jit at -O1) and "default" (plain jit at XLA's LLVM -O2); runs each once; and
-checks that the parameters, batch statistics and optimizer state agree bit for bit.
+ways: "batched" (batched at -O1, what jit_init does; first, so it meets jax's cold caches and the
+later traces are a little quicker), "init_options" (plain jit at -O1) and "default" (plain jit at
+XLA's LLVM -O2); runs each once; and checks that the parameters, batch statistics and optimizer
+state agree bit for bit.
 
     python benchmarks/init_compile.py lenet5 resnet20 densenet121 [--image-size 64] [--out F.json]
 

@@ -50,7 +50,7 @@ def test_threefry_matches_jax():
 
 def _draws(key):
     """Every deferred primitive in the forms flax and users produce them: scalar and batched keys,
-    sizes below, at and across ROW_SIZE, vector fold-in messages, draws inside a scan."""
+    sizes below, at and across ROW_SIZE and empty, vector fold-in messages, draws inside a scan."""
     a, b, c = jax.random.split(key, 3)
     keys = jax.random.split(b, (2, 2))
     row = init_batching.ROW_SIZE
@@ -59,6 +59,7 @@ def _draws(key):
         "truncated": jax.random.truncated_normal(jax.random.fold_in(a, 2**31 + 5), -2, 2, (row,)),
         "uniform": jax.random.uniform(c, (2 * row + 3,)),
         "one": jax.random.bits(c, ()),
+        "empty": jax.random.normal(c, (0, 3)),
         "batched_keys": jax.vmap(jax.vmap(lambda k: jax.random.normal(k, (4, 3))))(keys),
         "vector_fold_in": jax.vmap(jax.random.fold_in)(keys[0], jnp.arange(2, dtype=jnp.uint32)),
         "broadcast_fold_in": jax.vmap(jax.random.fold_in, (0, None))(keys[1], 9),
