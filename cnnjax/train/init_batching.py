@@ -86,11 +86,12 @@ class _Request:
 
 def _request(eqn: Any, args: list[Any]) -> _Request | None:
     """The hash request that reproduces `eqn` (a deferred random primitive), or None."""
-    key = args[0]
-    if (not jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-            or jax.random.key_impl(key) != "threefry2x32"):
+    key, name = args[0], eqn.primitive.name
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         return None
-    name, impl = eqn.primitive.name, jax.random.key_impl(key)
+    impl = jax.random.key_impl(key)
+    if impl != "threefry2x32":
+        return None
     data = jax.random.key_data(key)  # [*key.shape, 2]
     if name == "random_fold_in":  # threefry_2x32(key, [msg >> 32, msg]): one counter, the message
         msgs = args[1]
