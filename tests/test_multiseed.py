@@ -1,15 +1,17 @@
 """K members trained in one vmapped program equal K single runs of the engine's own train step."""
 
 import functools
+from types import SimpleNamespace
 
 import jax
 import numpy as np
 import pytest
 
+from cnnjax import distributed
 from cnnjax.config import load_config
 from cnnjax.data import build_pipeline
 from cnnjax.train import loop
-from cnnjax.train.multiseed import Members, train_many
+from cnnjax.train.multiseed import Members, default_chunk, train_many
 from cnnjax.train.state import create_train_state
 
 SEEDS = (0, 1, 2)
@@ -66,7 +68,9 @@ def _member(tree, i):
 
 @functools.cache
 def _vmapped():
-    members = Members(_config(), SEEDS, None)
+    # chunk=K: the plain vmap (train_many's CPU default, chunk=1, is what the rate test runs).
+    members = Members(_config(), SEEDS, None, chunk=len(SEEDS))
+    assert members.chunk == len(SEEDS)
     states, history = members.train(members.initial_states(), STEPS)
     return members, states, np.stack([h["loss"] for h in history], axis=1)  # [K, steps]
 
@@ -104,6 +108,18 @@ def test_learning_rate_variants_equal_single_runs(tmp_path):
     assert results[1]["test"]["accuracy"] == engine["accuracy"]
     np.testing.assert_allclose(results[1]["test"]["loss"], engine["loss"], rtol=1e-4)
     assert abs(results[0]["test"]["loss"] - engine["loss"]) > 1e-3
+
+
+def _mesh_of(platform, size):
+    """What default_chunk reads of a mesh: its devices' platform and its size."""
+    return SimpleNamespace(devices=np.array([SimpleNamespace(platform=platform)] * size), size=size)
+
+
+def test_default_chunk_is_one_on_a_single_cpu_device_else_every_member():
+    assert default_chunk(4, distributed.make_mesh()) == 1  # the tests' one CPU device
+    assert default_chunk(4, _mesh_of("cpu", 1)) == 1  # members one by one: no grouped convolutions
+    assert default_chunk(4, _mesh_of("cpu", 2)) == 4  # members spread over the devices
+    assert default_chunk(4, _mesh_of("gpu", 1)) == 4
 
 
 @pytest.mark.parametrize("seeds, rates, match", [

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cnnjax import config as config_lib
@@ -74,21 +74,30 @@ def _check_members(config: ml_collections.ConfigDict, seeds: Sequence[int],
         raise ValueError("train_many runs in one process; launch it without multi-process flags")
 
 
+def default_chunk(k: int, mesh: Mesh) -> int:
+    """Members vmapped together by default: 1 on one CPU device, else all K.
+
+    XLA turns a vmapped convolution into a grouped one, which XLA:CPU runs slowly, and cnnjax's CPU
+    kernels run a vmapped call member by member anyway; with `chunk=1` (`jax.lax.map`) each member
+    is a plain step. On the 2-core CPU chunk=1 gave 1.56x-1.97x the steady throughput of the plain
+    vmap for 4 resnet20 members and 1.12x-1.16x for 4 lenet5 (benchmarks/MULTISEED.md). Elsewhere,
+    and with members spread over several devices, the plain vmap (unmeasured on accelerators)."""
+    return 1 if mesh.devices.flat[0].platform == "cpu" and mesh.size == 1 else k
+
+
 class Members:
     """The engine's pieces for one run plus the K-member programs built around them."""
 
     def __init__(self, config: ml_collections.ConfigDict, seeds: Sequence[int],
                  learning_rates: Sequence[float] | None, chunk: int | None = None) -> None:
-        """chunk: members vmapped together (default all K). XLA turns a vmapped conv into a
-        grouped conv, which a CPU runs slowly (benchmarks/MULTISEED.md): chunk=1 runs the members
-        one after another inside the same compiled program instead."""
+        """chunk: members vmapped together (default: `default_chunk`)."""
         _check_members(config, seeds, learning_rates)
-        self.chunk = len(seeds) if chunk is None else chunk
-        if not 1 <= self.chunk <= len(seeds):
+        if chunk is not None and not 1 <= chunk <= len(seeds):
             raise ValueError(f"chunk={chunk} must lie in [1, {len(seeds)}] (members per vmap)")
         # The engine's own run set-up (validation, model, optimizer, schedule, eval pipeline), so the
         # members are built exactly as single runs are.
         self.run = run = RunSetup(config)
+        self.chunk = default_chunk(len(seeds), run.mesh) if chunk is None else chunk
         self.config = config
         self.seeds = [int(s) for s in seeds]
         self.learning_rates = None if learning_rates is None else [float(r) for r in learning_rates]
@@ -364,7 +373,7 @@ def bench(models: Sequence[str], ks: Sequence[int], steps: int, batch_size: int)
             seq_steady = sum(s for _, s in singles[:k])
             seq_wall = sum(c + s for c, s in singles[:k])
             images = k * steps * batch_size
-            for chunk, name in ((None, "vmap K"), (1, "lax.map, chunk 1"))[:1 if k == 1 else 2]:
+            for chunk, name in ((k, "vmap K"), (1, "lax.map, chunk 1"))[:1 if k == 1 else 2]:
                 compile_s, steady = _time_members(config, k, steps, chunk)
                 lines.append(
                     f"| {model} | {k} | {name} | {images / seq_steady:,.0f} | "
