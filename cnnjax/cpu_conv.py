@@ -65,10 +65,12 @@ Array = jax.Array
 #   gradient.
 #
 # Gather kernel (`cpu_kernels.conv`, `cpu_kernels.input_gradient`, cnnjax/cpu_kernels.cc): the
-# forward pass of a layer with 16, 32 or 64 input channels (or an RGB first layer with a small
-# output, or at most 8 input channels to at most two vectors of outputs: `cpu_kernels.conv_fits`)
-# and a multiple of a vector register's floats of output channels (16 with AVX-512), and the input
-# gradient where the same holds with the channel counts swapped, or where the layer has at most 8
+# forward pass of a layer with 16, 32 or 64 input channels, or 16 and more to at most two vectors
+# of outputs (DenseNet's growth layers), or an RGB first layer with a small output, to at most two
+# vectors or with a kernel of 25 taps or more, or at most 8 input channels to at most two vectors
+# of outputs (`cpu_kernels.conv_fits`), and a multiple of a vector register's floats of output
+# channels (16 with AVX-512), and the input gradient where the first of these holds with the
+# channel counts swapped, or where the layer has at most 8
 # input channels and a multiple of the vector's floats of outputs (its "dot tiles":
 # `cpu_kernels.input_gradient_fits`), at any stride and padding. jaxlib's oneDNN calls run PyTorch's
 # kernel at its speed on one core but lose 5% to 50% on two inside a train step (XLA's oneDNN
@@ -76,8 +78,9 @@ Array = jax.Array
 # the gather kernel's chunks go to whichever thread is free, and its 3-wide kernel rows share each
 # input read across three taps. A strided layer's input gradient is one call, each input pixel
 # summing only the taps that reach it. resnet20's train step 1.068x faster than with oneDNN's calls
-# (benchmarks/RESULTS.md); with 128 and more channels oneDNN's blocking is faster, so those keep
-# it. Programs without oneDNN's call (resnet20's) enter the persistent compilation cache.
+# (benchmarks/RESULTS.md); with 128 and more channels to more outputs oneDNN's blocking is faster,
+# so those keep it. Programs without oneDNN's call (resnet20's, the DenseNets', MobileNetV2's and
+# EfficientNet-B0's) enter the persistent compilation cache.
 #
 # Native weight gradient: the float32 layers of the forms taps, narrow, onednn and native (one
 # group, no dilation, non-negative padding, a multiple of 8 filters or at most
@@ -482,18 +485,13 @@ def _form_function(form: str | None, conv: Callable[[Array, Array], Array], dot:
     return conv
 
 
-def _gather_fits(c_in: int, c_out: int, outputs: int) -> bool:
-    """Whether cnnjax's own convolution loops take a pass of c_in -> c_out channels writing
-    `outputs` floats ("gather kernel" above): the kernels on and built, and
-    `cpu_kernels.conv_fits`."""
-    return cpu_kernels.usable() and cpu_kernels.conv_fits(c_in, c_out, outputs)
-
-
 def _gather_forward(x: Array, w: Array, strides: tuple[int, int], padding: Any) -> bool:
-    """Whether the gather kernel takes this layer's forward pass."""
+    """Whether the gather kernel ("gather kernel" above) takes this layer's forward pass: the
+    kernels on and built, and `cpu_kernels.conv_fits`."""
     pads = pad_pairs(x.shape[1:3], w.shape[:2], strides, padding)
     out = cpu_kernels.conv_output_shape(x.shape, w.shape, strides, pads)
-    return _gather_fits(x.shape[3], w.shape[3], math.prod(out))
+    return cpu_kernels.usable() and cpu_kernels.conv_fits(
+        x.shape[3], w.shape[3], math.prod(out), taps=w.shape[0] * w.shape[1])
 
 
 def _gather_input_gradient(x: Array, w: Array) -> bool:

@@ -485,11 +485,12 @@ ffi::Error WeightGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 // benchmarks/RESULTS.md): forward and input gradient 2.4 to 2.7 ms at 16 channels against
 // oneDNN's 3.5 to 4.4 and PyTorch's 2.4 to 2.6; the stride-2 input gradient 1.3 to 1.6 against
 // 2.7 to 4.1 and 1.7 to 2.2. With 16, 32 or 64 input channels the loops are compiled for that
-// count (3, an RGB first layer, too, in triples); any other count takes a generic loop (correct;
-// faster than oneDNN's at 2 to 8 input channels to 16 or 32 outputs, even at 1, slower at 48
-// channels and more, benchmarks/RESULTS.md: cnnjax/cpu_conv.py sends it only 3, 16, 32 and 64,
-// and at most 8 to at most two vectors). Output channels fewer than a vector (an input gradient
-// to 8 channels or fewer) take the dot tiles below.
+// count (3, an RGB first layer, too, in triples and at stride 2); any other count takes a generic
+// loop (correct; faster than oneDNN's at 2 to 8 input channels to 16 or 32 outputs, even at 1, and
+// from 16 channels up to at most two vectors of outputs; slower at 48 channels and more to wider
+// outputs, benchmarks/RESULTS.md: cnnjax/cpu_kernels.py's conv_fits says what cnnjax/cpu_conv.py
+// sends it). Output channels fewer than a vector (an input gradient to 8 channels or fewer) take
+// the dot tiles below.
 
 // The input pixels, taps and output pixels of one output row (or column phase of one).
 struct Tap {
@@ -640,6 +641,7 @@ void GatherRowV(const RowJob& r) {
     if (r.ci == 32) return GatherRowOf<V, 32, 1>(r);
     if (r.ci == 64) return GatherRowOf<V, 64, 1>(r);
   } else if (r.in_step == 2 * r.ci) {
+    if (r.ci == 3) return GatherRowOf<V, 3, 2>(r);  // an RGB stem at stride 2
     if (r.ci == 16) return GatherRowOf<V, 16, 2>(r);
     if (r.ci == 32) return GatherRowOf<V, 32, 2>(r);
     if (r.ci == 64) return GatherRowOf<V, 64, 2>(r);

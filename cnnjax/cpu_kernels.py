@@ -144,23 +144,45 @@ def weight_gradient(x: Array, g: Array, kernel: Sequence[int], strides: Sequence
 
 # The input channel counts (of the forward pass; of the input gradient: the output channels) for
 # which `conv` and `input_gradient` have loops of their own, and run as fast as oneDNN's kernel or
-# faster (benchmarks/RESULTS.md); with more channels oneDNN's blocking wins (128 channels: 1.15x
-# to 2x faster). An RGB first layer (3 channels) takes the kernel while its output is at most
-# RGB_MAX_OUTPUT_BYTES: with 27 multiply-adds per output it is bound by its stores, which beyond the
-# cache also read each line first (3 -> 16 at 32 px, batch 128, 8 MB out: 0.72 against oneDNN's
-# 0.85 ms; 3 -> 64 at 112 px, batch 16, 51 MB: 5.79 against 4.85).
+# faster (benchmarks/RESULTS.md); with more channels to many outputs oneDNN's blocking wins (128 ->
+# 128 at 16x16: even; 256 -> 256 at 8x8 1.2x, 512 -> 512 at 4x4 1.7x faster; input gradients 1.5x
+# and 3.4x). To at most two vectors of outputs (DenseNet's 128 -> 32 growth layers) the generic loop
+# takes any input channel count from 16 up, as fast as oneDNN's or faster (1.0x-1.4x at 56x56 to
+# 7x7, batch 32; 96 -> 32 and 192 -> 48 even). An RGB first layer (3 channels) takes the kernel
+# while its output is at most RGB_MAX_OUTPUT_BYTES: with 27 multiply-adds per output it is bound by
+# its stores, which beyond the cache also read each line first (3 -> 16 at 32 px, batch 128, 8 MB
+# out: 0.72 against oneDNN's 0.85 ms; 3 -> 64 at 112 px, batch 32, 98 MB: 10.0 against 6.2); at
+# any size to at most two vectors of outputs (MobileNet's 3x3 stride-2 stem to 32 at 224 px, batch
+# 32: 3.0-3.4 against 2.7-3.6 ms) or with at least RGB_ANY_SIZE_TAPS kernel taps (the 7x7 stride-2
+# stem of ResNets, DenseNets and GoogLeNet, 147 multiply-adds per output: 17.4-17.9 against 16.4 ms
+# at batch 32). Programs whose every convolution the kernels take hold no oneDNN call and enter
+# the persistent compilation cache (DenseNet-121, MobileNetV2 and EfficientNet-B0 at 224 px held
+# 59, 1 and 1 oneDNN calls before these wider rules).
 GATHER_CHANNELS = (16, 32, 64)
 RGB_MAX_OUTPUT_BYTES = 32 << 20
+RGB_ANY_SIZE_TAPS = 25
 NARROW_CHANNELS = 8
 
 
-def conv_fits(c_in: int, c_out: int, outputs: int) -> bool:
-    """Whether `conv` runs a layer of c_in -> c_out channels writing `outputs` floats in its own
-    loops, so faster than oneDNN's call: GATHER_CHANNELS in; or 3 (RGB) with at most
-    RGB_MAX_OUTPUT_BYTES out; or at most NARROW_CHANNELS in (LeNet-5's C3: 6) to at most two
-    vectors of channels, at most RGB_MAX_OUTPUT_BYTES out (benchmarks/RESULTS.md: oneDNN's kernel
-    was faster at 4 and 6 channels to 64); always a multiple of the vector width out.
-    `available()` first."""
+def conv_fits(c_in: int, c_out: int, outputs: int, taps: int = 9) -> bool:
+    """Whether `conv` runs a layer of c_in -> c_out channels and `taps` kernel taps writing
+    `outputs` floats in its own loops, as fast as oneDNN's call or faster (above): GATHER_CHANNELS
+    in; or at least 16 in to at most two vectors of channels; or 3 (RGB) with at most
+    RGB_MAX_OUTPUT_BYTES out, or to at most two vectors, or with RGB_ANY_SIZE_TAPS taps or more; or
+    at most NARROW_CHANNELS in (LeNet-5's C3: 6) to at most two vectors of channels, at most
+    RGB_MAX_OUTPUT_BYTES out (oneDNN's kernel was faster at 4 and 6 channels to 64); always a
+    multiple of the vector width out. `available()` first."""
+    lanes = vector_floats()
+    few_outputs = c_out <= 2 * lanes
+    wider = ((c_in >= min(GATHER_CHANNELS) and few_outputs)
+             or (c_in == 3 and (few_outputs or taps >= RGB_ANY_SIZE_TAPS)))
+    return _gather_channels(c_in, c_out, outputs) or (wider and c_out % lanes == 0)
+
+
+def _gather_channels(c_in: int, c_out: int, outputs: int) -> bool:
+    """The loops' first rule, for both passes: GATHER_CHANNELS in, or 3 (RGB) or at most
+    NARROW_CHANNELS in (then to at most two vectors) with at most RGB_MAX_OUTPUT_BYTES out; a
+    multiple of the vector width out."""
     lanes = vector_floats()
     small = 4 * outputs <= RGB_MAX_OUTPUT_BYTES
     channels = (c_in in GATHER_CHANNELS or (c_in == 3 and small)
@@ -170,13 +192,13 @@ def conv_fits(c_in: int, c_out: int, outputs: int) -> bool:
 
 def input_gradient_fits(c_in: int, c_out: int, size: int) -> bool:
     """Whether `input_gradient` runs the input gradient of a layer of c_in -> c_out channels whose
-    input holds `size` floats in its own loops: where `conv_fits(c_out, c_in, size)` (the gather
-    writes x's channels), or in its dot tiles, for at most NARROW_CHANNELS input channels
-    (LeNet-5's C3: 6) from a multiple of the vector width of output channels. `available()`
-    first."""
+    input holds `size` floats in its own loops: by `conv_fits`'s first rule with the channels
+    swapped (the gather writes x's channels; its wider rules are measured for the forward pass
+    only), or in its dot tiles, for at most NARROW_CHANNELS input channels (LeNet-5's C3: 6) from
+    a multiple of the vector width of output channels. `available()` first."""
     lanes = vector_floats()
-    return conv_fits(c_out, c_in, size) or (c_in <= NARROW_CHANNELS and c_in % lanes != 0
-                                            and c_out % lanes == 0)
+    return _gather_channels(c_out, c_in, size) or (
+        c_in <= NARROW_CHANNELS and c_in % lanes != 0 and c_out % lanes == 0)
 
 
 def _pads_and_strides(strides: Sequence[int], padding: Sequence[tuple[int, int]]) -> dict:

@@ -146,7 +146,9 @@ def test_norm_act_matches_autodiff_of_its_formula(shape, relu, has_residual):
 # padding, a pad wider than the kernel's reach on one side, and none at all (read in place); one
 # image (chunks of rows) and a 1x1 kernel. The input gradient of every case too: where x's channels
 # are fewer than a vector (3, 5, 6 and 12 with AVX-512) in dot tiles, LeNet-5's C3 (6 <- 16) among
-# them, 12 in two blocks of outputs (8 and 4), 6 <- 32 at stride 2 with two vectors a tap.
+# them, 12 in two blocks of outputs (8 and 4), 6 <- 32 at stride 2 with two vectors a tap; a 7x7
+# RGB stem at stride 2 (its loop compiled for 3 channels two pixels apart) and 80 -> 32 (a wide
+# input to two vectors of outputs, in the generic loop).
 GATHER_CASES = [
     ((2, 7, 6, 16), (3, 3, 16, 16), (1, 1), ((1, 0), (1, 2))),
     ((3, 6, 9, 32), (3, 3, 32, 48), (1, 1), ((1, 1), (1, 1))),
@@ -161,6 +163,8 @@ GATHER_CASES = [
     ((2, 14, 14, 6), (5, 5, 6, 16), (1, 1), ((0, 0), (0, 0))),
     ((2, 6, 7, 12), (3, 3, 12, 16), (1, 1), ((1, 1), (1, 1))),
     ((2, 9, 9, 6), (3, 3, 6, 32), (2, 2), ((1, 1), (1, 0))),
+    ((2, 15, 14, 3), (7, 7, 3, 32), (2, 2), ((3, 3), (3, 2))),
+    ((1, 5, 6, 80), (3, 3, 80, 32), (1, 1), ((1, 1), (1, 1))),
 ]
 
 
@@ -230,15 +234,17 @@ def _calls(hlo, *targets):
 
 # (input shape, kernel shape, strides, the gather kernel's calls: forward, input gradient).
 # 16 -> 32 channels: both passes, at stride 1 and 2. The input gradient reads the output gradient's
-# channels: 16 -> 48 takes the forward pass only (48 has no loop of its own), 48 -> 16 the input
-# gradient only; at most 8 input channels (NARROW_CHANNELS) both where the output is at most two
-# vectors (8 -> 16: the generic loop forward, dot tiles back), the input gradient only where it is
-# more (6 -> 64: oneDNN's forward pass was faster); 12 -> 16 neither (12 channels have no loop of
-# their own, and are too many for dot tiles).
+# channels: 16 -> 48 takes the forward pass only (48 has no loop of its own); 48 -> 16 and a
+# DenseNet growth layer, 128 -> 32, both (16 and more input channels to at most two vectors run
+# the generic loop forward); at most 8 input channels (NARROW_CHANNELS) both where the output is at
+# most two vectors (8 -> 16: the generic loop forward, dot tiles back), the input gradient only
+# where it is more (6 -> 64: oneDNN's forward pass was faster); 12 -> 16 neither (12 channels have
+# no loop of their own, and are too many for dot tiles).
 GATHER_FORM_CASES = [((2, 9, 9, 16), (3, 3, 16, 32), (1, 1), (1, 1)),
                      ((2, 9, 9, 16), (3, 3, 16, 32), (2, 2), (1, 1)),
                      ((2, 8, 8, 16), (3, 3, 16, 48), (1, 1), (1, 0)),
-                     ((2, 8, 8, 48), (3, 3, 48, 16), (1, 1), (0, 1)),
+                     ((2, 8, 8, 48), (3, 3, 48, 16), (1, 1), (1, 1)),
+                     ((2, 6, 6, 128), (3, 3, 128, 32), (1, 1), (1, 1)),
                      ((2, 8, 8, 8), (3, 3, 8, 16), (1, 1), (1, 1)),
                      ((2, 8, 8, 6), (3, 3, 6, 64), (1, 1), (0, 1)),
                      ((2, 8, 8, 12), (3, 3, 12, 16), (1, 1), (0, 0))]
@@ -287,21 +293,24 @@ def test_generic_layers_take_the_gather_kernel_where_their_channels_fit(
 
 
 @needs_native
-def test_rgb_first_layers_take_the_gather_kernel_while_their_output_is_small():
+def test_rgb_first_layers_take_the_gather_kernel_by_output_size_width_and_taps():
     # 3 input channels: the "taps" form by shape, beside oneDNN's call the onednn form. The gather
-    # kernel takes the forward pass while the output is at most RGB_MAX_OUTPUT_BYTES.
+    # kernel takes the forward pass while the output is at most RGB_MAX_OUTPUT_BYTES, and at any
+    # size to at most two vectors of outputs or with RGB_ANY_SIZE_TAPS taps or more.
     from cnnjax import onednn
 
     if not onednn.available():
         pytest.skip("this jaxlib's CPU backend runs no oneDNN convolution")
     lanes = cpu_kernels.vector_floats()
-    w = jax.ShapeDtypeStruct((3, 3, 3, lanes), jnp.float32)
     fn = jax.jit(lambda x, w: cpu_conv.conv_general_dilated(x, w, (1, 1), "SAME",
                                                             dimension_numbers=cpu_conv._NHWC))
-    # 8 and 128 MiB out with AVX-512's 16 lanes, 4 and 64 MiB with AVX's 8
-    for batch, gather in ((128, True), (2048, False)):
+    # 3x3 to 4 vectors: 32 and 512 MiB out with AVX-512's 16 lanes, 16 and 256 MiB with AVX's 8.
+    for batch, kernel, outputs, gather in ((128, 3, 4 * lanes, True), (2048, 3, 4 * lanes, False),
+                                           (2048, 3, 2 * lanes, True), (2048, 5, 4 * lanes, True)):
         x = jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.float32)
-        assert (4 * batch * 32 * 32 * lanes <= cpu_kernels.RGB_MAX_OUTPUT_BYTES) == gather
+        w = jax.ShapeDtypeStruct((kernel, kernel, 3, outputs), jnp.float32)
+        small = 4 * batch * 32 * 32 * outputs <= cpu_kernels.RGB_MAX_OUTPUT_BYTES
+        assert small == (batch == 128)
         hlo = fn.lower(x, w).compile().as_text()
         assert _calls(hlo, cpu_kernels.CONV, onednn.TARGET) == ([1, 0] if gather else [0, 1])
 
