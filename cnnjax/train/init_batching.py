@@ -174,6 +174,11 @@ class _Literal:
         self.val = val
 
 
+def _value(ref: Any, values: dict[int, Any]) -> Any:
+    """The value a ref stands for: a literal's own, else the one computed for it."""
+    return ref.val if isinstance(ref, _Literal) else values[id(ref)]
+
+
 def _has_deferred(jaxpr: Any, memo: dict[int, bool]) -> bool:
     if id(jaxpr) not in memo:
         memo[id(jaxpr)] = any(
@@ -234,7 +239,7 @@ def _evaluate(nodes: list, values: dict[int, Any]) -> None:
             enqueue(i)
 
     def get(r: Any) -> Any:
-        return r.val if isinstance(r, _Literal) else values[id(r)]
+        return _value(r, values)
 
     def publish(i: int, outs: list[Any]) -> None:
         for r, value in zip(nodes[i][2], outs, strict=True):
@@ -279,7 +284,7 @@ def batch_random(fn: Callable[..., Any]) -> Callable[..., Any]:
         outputs = _flatten(closed.jaxpr, [_Literal(c) for c in closed.consts], inputs, nodes, {})
         values = {id(r): x for r, x in zip(inputs, jax.tree.leaves(args), strict=True)}
         _evaluate(_live(nodes, outputs), values)
-        flat = [r.val if isinstance(r, _Literal) else values[id(r)] for r in outputs]
+        flat = [_value(r, values) for r in outputs]
         return jax.tree.unflatten(jax.tree.structure(out_shape), flat)
 
     return batched
