@@ -40,6 +40,7 @@
 #include <memory>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -486,11 +487,13 @@ ffi::Error WeightGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 // oneDNN's 3.5 to 4.4 and PyTorch's 2.4 to 2.6; the stride-2 input gradient 1.3 to 1.6 against
 // 2.7 to 4.1 and 1.7 to 2.2. With 16, 32 or 64 input channels the loops are compiled for that
 // count (3, an RGB first layer, too, in triples and at stride 2); any other count takes a generic
-// loop (correct; faster than oneDNN's at 2 to 8 input channels to 16 or 32 outputs, even at 1, and
-// from 16 channels up to at most two vectors of outputs; slower at 48 channels and more to wider
-// outputs, benchmarks/RESULTS.md: cnnjax/cpu_kernels.py's conv_fits says what cnnjax/cpu_conv.py
-// sends it). Output channels fewer than a vector (an input gradient to 8 channels or fewer) take
-// the dot tiles below.
+// loop. The tiles read their weights packed per block of two vectors of output channels
+// (PackBlocks, once per call), and a chunk runs each block over a group of rows before the next
+// (GatherRows); rows of at most kAccumulators / 4 pixels take tiles of four vectors. So the generic
+// loop runs wide layers at oneDNN's speed too (3x3 and 5x5, 48 to 512 channels, 4x4 to 224x224
+// pixels: forward 0.89x-1.13x, input gradient 0.88x-1.31x, benchmarks/RESULTS.md;
+// cnnjax/cpu_kernels.py's conv_fits says what cnnjax/cpu_conv.py sends it). Output channels
+// fewer than a vector (an input gradient to 8 channels or fewer) take the dot tiles below.
 
 // The input pixels, taps and output pixels of one output row (or column phase of one).
 struct Tap {
@@ -504,7 +507,24 @@ struct RowJob {
   const float* add; // the addend at out's positions, or null
   const Tap* taps;
   int64_t ntaps, ci, co, in_step, out_step, pixels;
+  int64_t o_begin, o_end;  // the output channels to write (GatherRows sets them)
+  // Gather tiles: the taps' weights are packed per block of two vectors of output channels
+  // (PackBlocks), `w_block` floats from one block to the next, [ci, 2 * lanes] per tap.
+  int64_t w_block;
 };
+
+// Tap t's weights for output channels from o0 (a multiple of two vectors), in the packed layout:
+// each input channel's 2 * lanes weights follow the last's.
+inline const float* TapWeights(const RowJob& r, int64_t t, int64_t o0) {
+  constexpr int L = sizeof(vw) / sizeof(float);
+  return r.taps[t].w + o0 / (2 * L) * r.w_block;
+}
+// Floats from a tap's weights for o0 to those of vector v of output channels o0 + v * lanes: the
+// next block's panel from v = 2.
+inline int64_t VectorOffset(const RowJob& r, int v) {
+  constexpr int L = sizeof(vw) / sizeof(float);
+  return v / 2 * r.w_block + v % 2 * L;
+}
 
 // Writes a tile's sums acc to output pixels [p0, p0 + P) x channels [o0, o0 + V * lanes), plus
 // the addend where there is one.
@@ -526,7 +546,7 @@ inline void StoreTile(const RowJob& r, const vw (&acc)[P][V], int64_t p0, int64_
 template <int V, int PM, typename Tile>
 inline void RowTiles(const RowJob& r, const Tile& tile) {
   constexpr int L = sizeof(vw) / sizeof(float);
-  for (int64_t o0 = 0; o0 < r.co; o0 += V * L)
+  for (int64_t o0 = r.o_begin; o0 < r.o_end; o0 += V * L)
     EqualBlocks(r.pixels, PM, [&](int64_t p0, int64_t p) { tile(p0, p, o0); });
 }
 
@@ -543,11 +563,14 @@ void GatherTile(const RowJob& r, int64_t p0, int64_t o0) {
     for (int v = 0; v < V; ++v) acc[p][v] = vw{};
   for (int64_t t = 0; t < r.ntaps; ++t) {
     const float* xr = r.in + r.taps[t].offset + p0 * step;
-    const float* wr = r.taps[t].w + o0;
+    const float* wr = TapWeights(r, t, o0);
+    constexpr int64_t wstep = 2 * L;
+    int64_t vo[V];
+    for (int v = 0; v < V; ++v) vo[v] = VectorOffset(r, v);
     for (int64_t c = 0; c < ci; ++c) {
       vw wv[V];
 #pragma GCC unroll 8
-      for (int v = 0; v < V; ++v) wv[v] = Load<vw>(wr + c * r.co + L * v);
+      for (int v = 0; v < V; ++v) wv[v] = Load<vw>(wr + c * wstep + vo[v]);
 #pragma GCC unroll 32
       for (int p = 0; p < P; ++p) {
         const float xv = xr[p * step + c];
@@ -572,19 +595,21 @@ constexpr int TriplePixels() { return (kRegisters - 1 - kTriple * V) / V; }
 template <int P, int V, int CI>
 void GatherTriples(const RowJob& r, int64_t p0, int64_t o0) {
   constexpr int L = sizeof(vw) / sizeof(float);
+  static_assert(V <= 2, "one block's panel: vectors L * v apart");
   vw acc[P][V];
   for (int p = 0; p < P; ++p)
     for (int v = 0; v < V; ++v) acc[p][v] = vw{};
   for (int64_t t = 0; t < r.ntaps; t += kTriple) {
     const float* xr = r.in + r.taps[t].offset + p0 * CI;
     const float* wr[kTriple];
-    for (int d = 0; d < kTriple; ++d) wr[d] = r.taps[t + d].w + o0;
+    for (int d = 0; d < kTriple; ++d) wr[d] = TapWeights(r, t + d, o0);
+    constexpr int64_t wstep = 2 * L;
     for (int64_t c = 0; c < CI; ++c) {
       vw wv[kTriple][V];
 #pragma GCC unroll 3
       for (int d = 0; d < kTriple; ++d)
 #pragma GCC unroll 8
-        for (int v = 0; v < V; ++v) wv[d][v] = Load<vw>(wr[d] + c * r.co + L * v);
+        for (int v = 0; v < V; ++v) wv[d][v] = Load<vw>(wr[d] + c * wstep + L * v);
 #pragma GCC unroll 40
       for (int q = 0; q < P + kTriple - 1; ++q) {
         const float xv = xr[q * CI + c];
@@ -740,21 +765,53 @@ void DotRow(const RowJob& r) {
     WithConstant<1, kDotOutputs>(r.co - o0, [&](auto o) { DotRowOf<decltype(o)::value>(r, o0); });
 }
 
-// One output row; zeros (or the addend) where no tap reaches it. Where co is a multiple of lanes
-// of vw, gather tiles: two vectors at a time where it is a multiple of two (a [ci, 2 * lanes]
-// weight slice per tap stays in cache across a row), else one. Else dot tiles, whose taps' weights
-// are [co, ci].
+// Output channels [o_begin, o_end) of one row; zeros (or the addend) where no tap reaches it.
+// Where co is a multiple of lanes of vw, gather tiles: two vectors at a time where the range is a
+// multiple of two, else one. Else dot tiles (the whole row), whose taps' weights are [co, ci].
 void GatherRow(const RowJob& r) {
   constexpr int L = sizeof(vw) / sizeof(float);
   if (r.ntaps == 0) {
     for (int64_t p = 0; p < r.pixels; ++p)
-      for (int64_t o = 0; o < r.co; ++o)
+      for (int64_t o = r.o_begin; o < r.o_end; ++o)
         r.out[p * r.out_step + o] = r.add ? r.add[p * r.out_step + o] : 0.f;
     return;
   }
   if (r.co % L != 0) return DotRow(r);
-  if (r.co % (2 * L) == 0) return GatherRowV<2>(r);
+  if ((r.o_end - r.o_begin) % (4 * L) == 0) return GatherRowOf<4, 0, 1>(r);
+  if ((r.o_end - r.o_begin) % (2 * L) == 0) return GatherRowV<2>(r);
   GatherRowV<1>(r);
+}
+
+// A chunk's rows, in groups whose input rows take about kGroupBytes: within a group, where co is a
+// multiple of the lanes, one block of output channels (two vectors; four where rows are short)
+// runs over every row before the next, so that the block's packed weights ([ci, 2 * lanes] per
+// tap: 590 KB for 3x3 taps of 512 channels) stay in cache across the rows, while the group's
+// input stays there across the blocks. Row by row, every row streamed all the layer's weights
+// (9.4 MB at 512 -> 512); against that, groups ran 3x3 512 -> 512 at 7x7 and 4x4 pixels, batch 32,
+// and 256 -> 256 at 14x14, 2% to 15% faster (input gradients the most), 512 -> 512 at 28x28
+// within 4% either way (benchmarks/RESULTS.md).
+constexpr int64_t kGroupBytes = 512 << 10;
+
+void GatherRows(std::vector<RowJob>& rows) {
+  constexpr int64_t L = sizeof(vw) / sizeof(float);
+  if (rows.empty()) return;
+  const int64_t co = rows[0].co;
+  // Four vectors a tile for short rows of the generic loop (the input channel counts with loops of
+  // their own keep those): 3x3 512 -> 512 at 4x4, batch 32 and 128, 0.79x-0.83x -> 0.93x-0.97x
+  // oneDNN's speed forward (benchmarks/RESULTS.md).
+  const bool wide = co % (4 * L) == 0 && rows[0].pixels <= kAccumulators / 4 &&
+                    rows[0].ci != 16 && rows[0].ci != 32 && rows[0].ci != 64 && rows[0].ci != 3;
+  const int64_t block = wide ? 4 * L : co % L == 0 ? 2 * L : co;
+  const int64_t row_bytes = rows[0].pixels * rows[0].in_step * static_cast<int64_t>(sizeof(float));
+  const int64_t group = std::max<int64_t>(1, kGroupBytes / std::max<int64_t>(1, row_bytes) - 2);
+  const int64_t count = rows.size();
+  for (int64_t g0 = 0; g0 < count; g0 += group)
+    for (int64_t o0 = 0; o0 < co; o0 += block)
+      for (int64_t i = g0; i < std::min(count, g0 + group); ++i) {
+        rows[i].o_begin = o0;
+        rows[i].o_end = std::min(co, o0 + block);
+        GatherRow(rows[i]);
+      }
 }
 
 // Per-worker copies of image rows with `left` and `right` zero columns: rows [0, rows), `width`
@@ -803,6 +860,116 @@ struct Bands {
   }
 };
 
+#if defined(__GNUC__) && !defined(__clang__)
+typedef int32_t vwi __attribute__((vector_size(sizeof(vw))));
+
+// The permutation of two rows a, b (rows i and i + S of a block, i without bit S) that swaps bit S
+// of the row and column indices: lanes j with bit S take b's lane j - S (low half of the pair,
+// Hi false) or keep b's lane j (Hi true); the others keep a's lane j or take a's lane j + S.
+template <int S, bool Hi, int... J>
+constexpr vwi SwapMask(std::integer_sequence<int, J...>) {
+  constexpr int L = sizeof(vw) / sizeof(float);
+  return vwi{(Hi ? ((J & S) ? L + J : J + S) : ((J & S) ? L + J - S : J))...};
+}
+
+template <int S>
+inline void SwapStage(vw (&row)[sizeof(vw) / sizeof(float)]) {
+  constexpr int L = sizeof(vw) / sizeof(float);
+  constexpr vwi lo = SwapMask<S, false>(std::make_integer_sequence<int, L>{});
+  constexpr vwi hi = SwapMask<S, true>(std::make_integer_sequence<int, L>{});
+  for (int i = 0; i < L; ++i)
+    if (!(i & S)) {
+      const vw a = row[i], b = row[i + S];
+      row[i] = __builtin_shuffle(a, b, lo);
+      row[i + S] = __builtin_shuffle(a, b, hi);
+    }
+}
+#endif
+
+// dst[j * dst_step + i] = src[i * src_step + j] for a block of lanes x lanes floats: rows loaded as
+// vectors and transposed in registers, log2(lanes) stages of two-row shuffles (GCC; elsewhere a
+// plain loop).
+inline void TransposeBlock(const float* src, int64_t src_step, float* dst, int64_t dst_step) {
+  constexpr int L = sizeof(vw) / sizeof(float);
+#if defined(__GNUC__) && !defined(__clang__)
+  vw row[L];
+  for (int i = 0; i < L; ++i) row[i] = Load<vw>(src + i * src_step);
+  SwapStage<1>(row);
+  SwapStage<2>(row);
+  SwapStage<4>(row);
+  if constexpr (L == 16) SwapStage<8>(row);
+  for (int i = 0; i < L; ++i) Store(dst + i * dst_step, row[i]);
+#else
+  for (int i = 0; i < L; ++i)
+    for (int j = 0; j < L; ++j) dst[j * dst_step + i] = src[i * src_step + j];
+#endif
+}
+
+// Weights packed per block of two vectors of output channels, for RowJob::w_block:
+// out[b, t, c, l] = the weight of tap t, input channel c and output channel o = b * 2 * lanes + l,
+// read from w[t * t_step + c * c_step + o * o_step], where o_step or c_step is 1; co a multiple of
+// the lanes (a last block of one vector fills half its panel: PackedFloats). Each block's weights
+// are then one contiguous panel: read in place, a tap's [ci, co] weights put each input channel's
+// vectors another co floats on, so that with 256 and more output channels (1 KB and more apart)
+// they fell into a few cache sets and were read from further away at every tile (3x3 512 -> 512
+// at 4x4, batch 32, forward 9.0-9.7 -> 6.7 ms, input gradient 11.7 -> 7.7 ms, RESULTS.md).
+int64_t PackedFloats(int64_t taps, int64_t ci, int64_t co) {
+  constexpr int64_t B = 2 * sizeof(vw) / sizeof(float);
+  return CeilDiv(co, B) * B * taps * ci;
+}
+
+// Weights of at most this many floats are packed on the calling thread alone: waking a pool thread
+// for LeNet-5's C3 (2,400 weights) cost its eval step 5% (benchmarks/RESULTS.md).
+constexpr int64_t kPackAloneFloats = 1 << 16;
+
+void PackBlocks(ffi::ThreadPool& pool, const float* w, int64_t taps, int64_t ci, int64_t co,
+                int64_t t_step, int64_t c_step, int64_t o_step, float* out) {
+  constexpr int64_t B = 2 * sizeof(vw) / sizeof(float), L = B / 2;
+  const int64_t blocks = CeilDiv(co, B);
+  const bool alone = taps * ci * co <= kPackAloneFloats;
+  const auto threads = [&](int64_t chunks) { return alone ? 1 : Threads(pool, chunks); };
+  if (o_step == 1) {
+    // Each (tap, input channel) row of co floats read once, whole, and cut into the blocks
+    // (reading one block's rows instead, each another 1-2 KB on, took longer).
+    constexpr int64_t kRowsPerChunk = 64;
+    const int64_t rows = taps * ci, chunks = CeilDiv(rows, kRowsPerChunk);
+    ParallelFor(pool, threads(chunks), chunks, [&](int, int64_t chunk) {
+      const int64_t end = std::min(rows, (chunk + 1) * kRowsPerChunk);
+      for (int64_t r = chunk * kRowsPerChunk; r < end; ++r) {
+        const int64_t t = r / ci, c = r % ci;
+        const float* src = w + t * t_step + c * c_step;
+        for (int64_t b = 0; b < blocks; ++b)
+          std::memcpy(out + ((b * taps + t) * ci + c) * B, src + b * B,
+                      std::min(B, co - b * B) * sizeof(float));
+      }
+    });
+    return;
+  }
+  // A transpose (c_step 1): blocks of lanes x lanes in registers, the channels past the last whole
+  // block one at a time.
+  const int64_t chunks = blocks * taps, whole = ci / L * L;
+  ParallelFor(pool, threads(chunks), chunks, [&](int, int64_t chunk) {
+    const int64_t b = chunk / taps, t = chunk % taps, lanes = std::min(B, co - b * B);
+    const float* src = w + t * t_step + b * B * o_step;
+    float* dst = out + chunk * ci * B;
+    for (int64_t c0 = 0; c0 < whole; c0 += L)
+      for (int64_t l0 = 0; l0 < lanes; l0 += L)
+        TransposeBlock(src + l0 * o_step + c0, o_step, dst + c0 * B + l0, B);
+    for (int64_t c = whole; c < ci; ++c)
+      for (int64_t l = 0; l < lanes; ++l) dst[c * B + l] = src[l * o_step + c];
+  });
+}
+
+// A buffer of n floats aligned to 64 bytes (a vector load then reads one cache line, as from
+// XLA's buffers), not initialised.
+struct Aligned {
+  std::unique_ptr<float[]> buffer;
+  float* data;
+  explicit Aligned(int64_t n) : buffer(n ? new float[n + 16] : nullptr), data(buffer.get()) {
+    if (data) data += (16 - reinterpret_cast<uintptr_t>(data) / 4 % 16) % 16;
+  }
+};
+
 ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                        ffi::RemainingArgs rest, ffi::ResultBuffer<ffi::F32> y, int64_t sh,
                        int64_t sw, int64_t pt, int64_t pl) {
@@ -824,6 +991,10 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   PaddedRows padded(threads, h, wi, ci, pl, right);
   const float *xs = x.typed_data(), *ws = w.typed_data();
   float* ys = y->typed_data();
+  // The weights packed per block of two vectors of output channels (PackBlocks).
+  const Aligned pack(PackedFloats(kh * kw, ci, co));
+  PackBlocks(pool, ws, kh * kw, ci, co, ci * co, co, 1, pack.data);
+  const int64_t tap_floats = ci * 2 * L, w_block = kh * kw * tap_floats;
   // Each output row's taps (the same in every image): kernel rows inside the image, left to right.
   std::vector<std::vector<Tap>> taps(ho);
   for (int64_t oh = 0; oh < ho; ++oh)
@@ -831,18 +1002,22 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
       const int64_t ih = oh * sh + i - pt;
       if (ih < 0 || ih >= h) continue;
       for (int64_t j = 0; j < kw; ++j)
-        taps[oh].push_back({ih * padded.stride() + (j - pl) * ci, ws + (i * kw + j) * ci * co});
+        taps[oh].push_back(
+            {ih * padded.stride() + (j - pl) * ci, pack.data + (i * kw + j) * tap_floats});
     }
   ParallelFor(pool, threads, bands.chunks(), [&](int worker, int64_t chunk) {
     int64_t image, r0, r1;
     bands.Of(chunk, &image, &r0, &r1);
     const float* base = padded.Fill(worker, xs, image, std::max<int64_t>(0, r0 * sh - pt),
                                     std::min(h, (r1 - 1) * sh - pt + kh));
+    std::vector<RowJob> rows;
     for (int64_t oh = r0; oh < r1; ++oh) {
       const int64_t at = ((image * ho + oh) * wo) * co;
-      GatherRow({base, ys + at, add ? add + at : nullptr, taps[oh].data(),
-                 static_cast<int64_t>(taps[oh].size()), ci, co, sw * ci, co, wo});
+      rows.push_back({base, ys + at, add ? add + at : nullptr, taps[oh].data(),
+                      static_cast<int64_t>(taps[oh].size()), ci, co, sw * ci, co, wo, 0, 0,
+                      w_block});
     }
+    GatherRows(rows);
   });
   return ffi::Error::Success();
 }
@@ -866,20 +1041,16 @@ ffi::Error ConvInputGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
         "Ci or Co a multiple of the vector width, strides >= 1, pads >= 0, at most an addend");
   const int64_t n = xd[0], h = xd[1], wi = xd[2], ci = xd[3], kh = wd[0], kw = wd[1], co = wd[3];
   const int64_t ho = gd[1], wo = gd[2];
-  // The gather's weights are the kernel's transpose [kh, kw, co, ci] (64-byte aligned, as XLA's
-  // buffers are: a vector load then reads one cache line). Dot tiles (ci not a multiple of the
-  // lanes) read the kernel as it is: [ci, co] per tap is their [outputs, inputs].
+  // The gather's weights are the kernel's transpose [kh, kw, co, ci], packed per block of two
+  // vectors of ci (PackBlocks). Dot tiles (ci not a multiple of the lanes) read the kernel as it
+  // is: [ci, co] per tap is their [outputs, inputs].
   const float* ws = w.typed_data();
-  std::vector<float> wt_buffer(ci % L == 0 ? kh * kw * co * ci + 16 : 0);
-  const float* wt = ws;
-  if (ci % L == 0) {
-    float* t_data = wt_buffer.data() +
-                    (16 - reinterpret_cast<uintptr_t>(wt_buffer.data()) / 4 % 16) % 16;
-    for (int64_t t = 0; t < kh * kw; ++t)
-      for (int64_t c = 0; c < ci; ++c)
-        for (int64_t o = 0; o < co; ++o) t_data[(t * co + o) * ci + c] = ws[(t * ci + c) * co + o];
-    wt = t_data;
-  }
+  const bool packed = ci % L == 0;
+  const Aligned wt_buffer(packed ? PackedFloats(kh * kw, co, ci) : 0);
+  if (packed) PackBlocks(pool, ws, kh * kw, co, ci, ci * co, 1, co, wt_buffer.data);
+  const float* wt = packed ? wt_buffer.data : ws;
+  const int64_t tap_floats = packed ? co * 2 * L : co * ci;
+  const int64_t w_block = packed ? kh * kw * tap_floats : 0;
   // Input column b + sw * v reads g column v + (b + pl - j) / sw: the zero columns either side.
   int64_t left = 0, right = 0;
   for (int64_t b = 0; b < std::min(sw, wi); ++b) {
@@ -909,7 +1080,7 @@ ffi::Error ConvInputGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
           const int64_t e = b + pl - j;
           if ((e % sw + sw) % sw != 0) continue;
           taps[ih * phases + b].push_back(
-              {(a / sh) * padded.stride() + FloorDiv(e, sw) * co, wt + (i * kw + j) * co * ci});
+              {(a / sh) * padded.stride() + FloorDiv(e, sw) * co, wt + (i * kw + j) * tap_floats});
         }
       }
   ParallelFor(pool, threads, bands.chunks(), [&](int worker, int64_t chunk) {
@@ -919,13 +1090,16 @@ ffi::Error ConvInputGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
     const float* base = padded.Fill(
         worker, gs, image, std::max<int64_t>(0, CeilDiv(r0 + pt - (kh - 1), sh)),
         std::min(ho, FloorDiv(r1 - 1 + pt, sh) + 1));
+    std::vector<RowJob> rows;
     for (int64_t ih = r0; ih < r1; ++ih)
       for (int64_t b = 0; b < phases; ++b) {
         const std::vector<Tap>& row = taps[ih * phases + b];
         const int64_t at = ((image * h + ih) * wi + b) * ci;
-        GatherRow({base, out + at, add ? add + at : nullptr, row.data(),
-                   static_cast<int64_t>(row.size()), co, ci, co, sw * ci, (wi - 1 - b) / sw + 1});
+        rows.push_back({base, out + at, add ? add + at : nullptr, row.data(),
+                        static_cast<int64_t>(row.size()), co, ci, co, sw * ci,
+                        (wi - 1 - b) / sw + 1, 0, 0, w_block});
       }
+    GatherRows(rows);
   });
   return ffi::Error::Success();
 }

@@ -2,10 +2,11 @@
 
 The weight gradient of a convolution, where XLA:CPU's generic kernel is 2x to 3x slower than
 oneDNN's backward-weights kernel in PyTorch, and jaxlib's oneDNN call (cnnjax/onednn.py) runs
-forward kernels only; the forward pass and input gradient of convolutions on 16 to 64 channels
-(`conv`, `input_gradient`: the "gather kernel", faster than jaxlib's oneDNN calls on two cores,
-cnnjax/cpu_conv.py says when it runs); and a training-mode batch norm with the residual add and
-ReLU after it, forward and backward (`norm_act`, which cnnjax/batchnorm.py explains). The C++ file is compiled
+forward kernels only; the forward pass and input gradient of convolutions from 16 channels up, and
+of RGB and narrow layers (`conv`, `input_gradient`: the "gather kernel", as fast as jaxlib's oneDNN
+calls or faster on two cores, cnnjax/cpu_conv.py says when it runs); and a training-mode batch norm
+with the residual add and ReLU after it, forward and backward (`norm_act`, which
+cnnjax/batchnorm.py explains). The C++ file is compiled
 once per machine with the system's C++ compiler (`$CXX`, else `c++`) and `-O3 -march=native`,
 into a cache keyed by the source, the compiler, jaxlib and the CPU ($CNNJAX_NATIVE_CACHE, else
 $XDG_CACHE_HOME/cnnjax/native, else ~/.cache/cnnjax/native), and registered as XLA FFI targets.
@@ -142,23 +143,29 @@ def weight_gradient(x: Array, g: Array, kernel: Sequence[int], strides: Sequence
     return call(x, g, sh=np.int64(sh), sw=np.int64(sw), pt=np.int64(pt), pl=np.int64(pl))
 
 
-# The input channel counts (of the forward pass; of the input gradient: the output channels) for
-# which `conv` and `input_gradient` have loops of their own, and run as fast as oneDNN's kernel or
-# faster (benchmarks/RESULTS.md); with more channels to many outputs oneDNN's blocking wins (128 ->
-# 128 at 16x16: even; 256 -> 256 at 8x8 1.2x, 512 -> 512 at 4x4 1.7x faster; input gradients 1.5x
-# and 3.4x). To at most two vectors of outputs (DenseNet's 128 -> 32 growth layers) the generic loop
-# takes any input channel count from 16 up, as fast as oneDNN's or faster (1.0x-1.4x at 56x56 to
-# 7x7, batch 32; 96 -> 32 and 192 -> 48 even). An RGB first layer (3 channels) takes the kernel
-# while its output is at most RGB_MAX_OUTPUT_BYTES: with 27 multiply-adds per output it is bound by
-# its stores, which beyond the cache also read each line first (3 -> 16 at 32 px, batch 128, 8 MB
-# out: 0.72 against oneDNN's 0.85 ms; 3 -> 64 at 112 px, batch 32, 98 MB: 10.0 against 6.2); at
-# any size to at most two vectors of outputs (MobileNet's 3x3 stride-2 stem to 32 at 224 px, batch
-# 32: 3.0-3.4 against 2.7-3.6 ms) or with at least RGB_ANY_SIZE_TAPS kernel taps (the 7x7 stride-2
-# stem of ResNets, DenseNets and GoogLeNet, 147 multiply-adds per output: 17.4-17.9 against 16.4 ms
-# at batch 32). Programs whose every convolution the kernels take hold no oneDNN call and enter
-# the persistent compilation cache (DenseNet-121, MobileNetV2 and EfficientNet-B0 at 224 px held
-# 59, 1 and 1 oneDNN calls before these wider rules).
+# Which layers `conv` and `input_gradient` take (benchmarks/RESULTS.md, 2-core CPU, against jaxlib's
+# oneDNN call, each alone): with the weights packed per block of output channels (cpu_kernels.cc,
+# PackBlocks) the loops run layers of WIDE_MIN_CHANNELS input channels or more to any multiple of
+# the vector width of outputs at oneDNN's speed, 3x3 and 5x5, stride 1 and 2, 4x4 to 224x224
+# pixels (benchmarks/cpu-gather-vs-onednn-2026-12-07.json, eighteen layers): forward 0.89x-1.13x
+# its speed (3x3 512 -> 512 at 4x4, batch 32, the slowest), input gradients 0.88x-1.31x (64 -> 64
+# at 224x224, which the loops took before, the slowest; stride 2 1.2x-1.3x). Inside a train step
+# the kernel gains more (cnnjax/cpu_conv.py: oneDNN's calls lose to their thread pool on two
+# cores). An input gradient to one vector of x's channels from a wide output gradient (16 <- 128:
+# 0.88x) keeps oneDNN's call unless g has GATHER_CHANNELS (kernel rows then read in triples).
+# An RGB first layer (3 channels) takes the kernel while its output is at most
+# RGB_MAX_OUTPUT_BYTES: with 27 multiply-adds per output it is bound by its stores, which beyond
+# the cache also read each line first (3 -> 16 at 32 px, batch 128, 8 MB out: 0.72 against
+# oneDNN's 0.85 ms; 3 -> 64 at 112 px, batch 32, 98 MB: 10.0 against 6.2); at any size to at most
+# two vectors of outputs (MobileNet's 3x3 stride-2 stem to 32 at 224 px,
+# batch 32: 3.0-3.4 against 2.7-3.6 ms) or with at least RGB_ANY_SIZE_TAPS kernel taps (the 7x7
+# stride-2 stem of ResNets, DenseNets and GoogLeNet, 147 multiply-adds per output: 17.4-17.9
+# against 16.4 ms at batch 32). At most NARROW_CHANNELS input channels (LeNet-5's C3: 6) take it
+# to at most two vectors of outputs, at most RGB_MAX_OUTPUT_BYTES out (oneDNN's kernel was faster
+# at 4 and 6 channels to 64). Programs whose every convolution the kernels take hold no oneDNN
+# call and enter the persistent compilation cache.
 GATHER_CHANNELS = (16, 32, 64)
+WIDE_MIN_CHANNELS = 16
 RGB_MAX_OUTPUT_BYTES = 32 << 20
 RGB_ANY_SIZE_TAPS = 25
 NARROW_CHANNELS = 8
@@ -166,39 +173,38 @@ NARROW_CHANNELS = 8
 
 def conv_fits(c_in: int, c_out: int, outputs: int, taps: int = 9) -> bool:
     """Whether `conv` runs a layer of c_in -> c_out channels and `taps` kernel taps writing
-    `outputs` floats in its own loops, as fast as oneDNN's call or faster (above): GATHER_CHANNELS
-    in; or at least 16 in to at most two vectors of channels; or 3 (RGB) with at most
-    RGB_MAX_OUTPUT_BYTES out, or to at most two vectors, or with RGB_ANY_SIZE_TAPS taps or more; or
-    at most NARROW_CHANNELS in (LeNet-5's C3: 6) to at most two vectors of channels, at most
-    RGB_MAX_OUTPUT_BYTES out (oneDNN's kernel was faster at 4 and 6 channels to 64); always a
-    multiple of the vector width out. `available()` first."""
+    `outputs` floats in its own loops, as fast as oneDNN's call or faster (above): at least
+    WIDE_MIN_CHANNELS in; or 3 (RGB) with at most RGB_MAX_OUTPUT_BYTES out, or to at most two
+    vectors, or with RGB_ANY_SIZE_TAPS taps or more; or at most NARROW_CHANNELS in to at most two
+    vectors with at most RGB_MAX_OUTPUT_BYTES out; always a multiple of the vector width out.
+    `available()` first."""
     lanes = vector_floats()
-    few_outputs = c_out <= 2 * lanes
-    wider = ((c_in >= min(GATHER_CHANNELS) and few_outputs)
-             or (c_in == 3 and (few_outputs or taps >= RGB_ANY_SIZE_TAPS)))
-    return _gather_channels(c_in, c_out, outputs) or (wider and c_out % lanes == 0)
+    rgb_any_size = c_in == 3 and (c_out <= 2 * lanes or taps >= RGB_ANY_SIZE_TAPS)
+    return (c_in >= WIDE_MIN_CHANNELS or rgb_any_size or _small_input_fits(c_in, c_out, outputs)
+            ) and c_out % lanes == 0
 
 
-def _gather_channels(c_in: int, c_out: int, outputs: int) -> bool:
-    """The loops' first rule, for both passes: GATHER_CHANNELS in, or 3 (RGB) or at most
-    NARROW_CHANNELS in (then to at most two vectors) with at most RGB_MAX_OUTPUT_BYTES out; a
-    multiple of the vector width out."""
-    lanes = vector_floats()
+def _small_input_fits(c_in: int, c_out: int, outputs: int) -> bool:
+    """3 (RGB) or at most NARROW_CHANNELS input channels (then to at most two vectors) with at most
+    RGB_MAX_OUTPUT_BYTES out."""
     small = 4 * outputs <= RGB_MAX_OUTPUT_BYTES
-    channels = (c_in in GATHER_CHANNELS or (c_in == 3 and small)
-                or (c_in <= NARROW_CHANNELS and c_out <= 2 * lanes and small))
-    return channels and c_out % lanes == 0
+    return small and (c_in == 3 or (c_in <= NARROW_CHANNELS and c_out <= 2 * vector_floats()))
 
 
 def input_gradient_fits(c_in: int, c_out: int, size: int) -> bool:
     """Whether `input_gradient` runs the input gradient of a layer of c_in -> c_out channels whose
-    input holds `size` floats in its own loops: by `conv_fits`'s first rule with the channels
-    swapped (the gather writes x's channels; its wider rules are measured for the forward pass
-    only), or in its dot tiles, for at most NARROW_CHANNELS input channels (LeNet-5's C3: 6) from
-    a multiple of the vector width of output channels. `available()` first."""
+    input holds `size` floats in its own loops (above; the gather then reads g's c_out channels and
+    writes x's c_in): at least WIDE_MIN_CHANNELS of g to a multiple of the vector width of x, more
+    than one vector; or
+    GATHER_CHANNELS of g, or few (`conv_fits`'s small-input rule, swapped), to a multiple of the
+    vector width of x; or in its dot tiles, for at most NARROW_CHANNELS of x (LeNet-5's C3: 6) from
+    a multiple of the vector width of g. `available()` first."""
     lanes = vector_floats()
-    return _gather_channels(c_out, c_in, size) or (
-        c_in <= NARROW_CHANNELS and c_in % lanes != 0 and c_out % lanes == 0)
+    wide = c_out >= WIDE_MIN_CHANNELS and c_in % lanes == 0 and c_in > lanes
+    gather = ((c_out in GATHER_CHANNELS or _small_input_fits(c_out, c_in, size))
+              and c_in % lanes == 0)
+    dot = c_in <= NARROW_CHANNELS and c_in % lanes != 0 and c_out % lanes == 0
+    return wide or gather or dot
 
 
 def _pads_and_strides(strides: Sequence[int], padding: Sequence[tuple[int, int]]) -> dict:

@@ -363,3 +363,30 @@ def test_depthwise_benchmark_times_every_form_and_keeps_earlier_results(tmp_path
     assert out.read_text() == saved and "exists" in capsys.readouterr().err
     assert depthwise.main(["--image-size", "100"]) == 2
     assert "multiple of 32" in capsys.readouterr().err
+
+
+def test_gather_against_onednn_benchmark_saves_rows_and_checks_its_layers(tmp_path, capsys):
+    import cpu_gather_vs_onednn  # benchmarks/cpu_gather_vs_onednn.py
+
+    from cnnjax import cpu_kernels, onednn
+
+    lanes = cpu_kernels.vector_floats() if cpu_kernels.available() else 16
+    with pytest.raises(SystemExit, match="expected B,S,CIN,COUT,K,STRIDE"):
+        cpu_gather_vs_onednn.parse("2,4,x", lanes)
+    with pytest.raises(SystemExit, match="multiples of"):
+        cpu_gather_vs_onednn.parse(f"2,4,{lanes},{lanes + 1},3,1", lanes)
+    if not (cpu_kernels.available() and onednn.available()):
+        pytest.skip("needs cnnjax's CPU kernels and jaxlib's oneDNN call")
+    out = tmp_path / "layers.json"
+    layer = f"2,4,{2 * lanes},{2 * lanes},3,2"
+    cpu_gather_vs_onednn.main([layer, "--rounds", "1", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["layer"] == layer and row["conv_fits"] and row["input_gradient_fits"]
+    for name in ("forward", "input_gradient"):  # both kernels ran, and agree
+        assert row[f"{name}_gather"] > 0 and row[f"{name}_onednn"] > 0
+        assert row[f"{name}_max_relative_gap"] < 1e-4
+    assert "train step takes the gather kernel: forward True" in capsys.readouterr().out
+    saved = out.read_text()
+    with pytest.raises(SystemExit, match="exists"):  # earlier results are never overwritten
+        cpu_gather_vs_onednn.main([layer, "--out", str(out)])
+    assert out.read_text() == saved

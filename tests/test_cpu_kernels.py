@@ -148,7 +148,10 @@ def test_norm_act_matches_autodiff_of_its_formula(shape, relu, has_residual):
 # are fewer than a vector (3, 5, 6 and 12 with AVX-512) in dot tiles, LeNet-5's C3 (6 <- 16) among
 # them, 12 in two blocks of outputs (8 and 4), 6 <- 32 at stride 2 with two vectors a tap; a 7x7
 # RGB stem at stride 2 (its loop compiled for 3 channels two pixels apart) and 80 -> 32 (a wide
-# input to two vectors of outputs, in the generic loop).
+# input to two vectors of outputs, in the generic loop). Weights packed per block of two vectors:
+# 64 -> 48 and 80 -> 64 at 4x4 (tiles of four vectors where a row is short, forward and back; a
+# block of one vector at the end, forward and back); 200 px rows of 64 channels (more rows than
+# one group of rows holds).
 GATHER_CASES = [
     ((2, 7, 6, 16), (3, 3, 16, 16), (1, 1), ((1, 0), (1, 2))),
     ((3, 6, 9, 32), (3, 3, 32, 48), (1, 1), ((1, 1), (1, 1))),
@@ -165,6 +168,9 @@ GATHER_CASES = [
     ((2, 9, 9, 6), (3, 3, 6, 32), (2, 2), ((1, 1), (1, 0))),
     ((2, 15, 14, 3), (7, 7, 3, 32), (2, 2), ((3, 3), (3, 2))),
     ((1, 5, 6, 80), (3, 3, 80, 32), (1, 1), ((1, 1), (1, 1))),
+    ((2, 4, 4, 64), (3, 3, 64, 48), (1, 1), ((1, 1), (1, 1))),
+    ((2, 4, 5, 80), (3, 3, 80, 64), (1, 1), ((1, 1), (0, 1))),
+    ((1, 12, 200, 64), (3, 3, 64, 32), (1, 1), ((1, 1), (1, 1))),
 ]
 
 
@@ -188,6 +194,22 @@ def test_gather_convolution_and_input_gradient_match_xla(x_shape, w_shape, strid
     got = jax.jit(ours)(x, w, g, a, b)
     expected = [y, y + a, vjp(g)[0], vjp(g)[0] + b]
     chex.assert_trees_all_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("c_in,c_out", [(2, 6), (3, 1)])
+def test_input_gradient_from_any_number_of_output_channels(c_in, c_out):
+    # x's channels in vectors (c_in of them), g's any count (c_out more than the lanes): the
+    # packed weights' transpose leaves channels past its last whole block of lanes.
+    lanes = cpu_kernels.vector_floats()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 5, 6, c_in * lanes), np.float32)
+    w = rng.standard_normal((3, 3, c_in * lanes, c_out + lanes), np.float32)
+    padding = ((1, 1), (1, 1))
+    y, vjp = jax.vjp(lambda x: _xla(x, w, (1, 1), padding), x)
+    g = rng.standard_normal(y.shape, np.float32)
+    got = jax.jit(lambda g, w: cpu_kernels.input_gradient(g, w, x.shape, (1, 1), padding))(g, w)
+    chex.assert_trees_all_close(got, vjp(g)[0], atol=1e-4, rtol=1e-4)
 
 
 @needs_native
@@ -233,18 +255,25 @@ def _calls(hlo, *targets):
 
 
 # (input shape, kernel shape, strides, the gather kernel's calls: forward, input gradient).
-# 16 -> 32 channels: both passes, at stride 1 and 2. The input gradient reads the output gradient's
-# channels: 16 -> 48 takes the forward pass only (48 has no loop of its own); 48 -> 16 and a
-# DenseNet growth layer, 128 -> 32, both (16 and more input channels to at most two vectors run
-# the generic loop forward); at most 8 input channels (NARROW_CHANNELS) both where the output is at
-# most two vectors (8 -> 16: the generic loop forward, dot tiles back), the input gradient only
-# where it is more (6 -> 64: oneDNN's forward pass was faster); 12 -> 16 neither (12 channels have
-# no loop of their own, and are too many for dot tiles).
+# 16 -> 32 channels: both passes, at stride 1 and 2. The forward pass from 16 input channels up
+# (WIDE_MIN_CHANNELS); the input gradient, which reads the output gradient's channels, from 16 of
+# them up to more than one vector of x's channels, or to one from GATHER_CHANNELS: 16 -> 48 takes
+# the forward pass only, and so does 16 -> 128 (x's one vector from a wide g); 48 -> 16, a DenseNet
+# growth layer (128 -> 32), 256 -> 256 at 4x4 and 96 -> 128 at stride 2 both; 24 -> 64 the forward
+# pass only (x's 24 channels are no multiple of the lanes). At most 8 input channels
+# (NARROW_CHANNELS) both where the output is at most two vectors (8 -> 16: the generic loop
+# forward, dot tiles back), the input gradient only where it is more (6 -> 64: oneDNN's forward
+# pass was faster); 12 -> 16 neither (12 channels are too few for the wide rule and too many for
+# dot tiles).
 GATHER_FORM_CASES = [((2, 9, 9, 16), (3, 3, 16, 32), (1, 1), (1, 1)),
                      ((2, 9, 9, 16), (3, 3, 16, 32), (2, 2), (1, 1)),
                      ((2, 8, 8, 16), (3, 3, 16, 48), (1, 1), (1, 0)),
                      ((2, 8, 8, 48), (3, 3, 48, 16), (1, 1), (1, 1)),
                      ((2, 6, 6, 128), (3, 3, 128, 32), (1, 1), (1, 1)),
+                     ((2, 6, 6, 16), (3, 3, 16, 128), (1, 1), (1, 0)),
+                     ((2, 4, 4, 256), (3, 3, 256, 256), (1, 1), (1, 1)),
+                     ((2, 8, 8, 96), (3, 3, 96, 128), (2, 2), (1, 1)),
+                     ((2, 8, 8, 24), (3, 3, 24, 64), (1, 1), (1, 0)),
                      ((2, 8, 8, 8), (3, 3, 8, 16), (1, 1), (1, 1)),
                      ((2, 8, 8, 6), (3, 3, 6, 64), (1, 1), (0, 1)),
                      ((2, 8, 8, 12), (3, 3, 12, 16), (1, 1), (0, 0))]
@@ -265,7 +294,8 @@ def test_generic_layers_take_the_gather_kernel_where_their_channels_fit(
         pytest.skip("this jaxlib's CPU backend runs no oneDNN convolution")
     monkeypatch.setenv(onednn.ENV, onednn_setting)
     x = jax.random.normal(jax.random.key(0), x_shape)
-    w = jax.random.normal(jax.random.key(1), w_shape)
+    # He-scaled, so that wide layers' outputs stay of order 1 (their float32 sums then agree).
+    w = jax.random.normal(jax.random.key(1), w_shape) * (2 / np.prod(w_shape[:3])) ** 0.5
 
     def loss(conv):
         return lambda x, w: jnp.sum(jnp.sin(conv(x, w)))
