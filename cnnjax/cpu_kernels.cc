@@ -491,7 +491,7 @@ ffi::Error WeightGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 // (PackBlocks, once per call), and a chunk runs each block over a group of rows before the next
 // (GatherRows); rows of at most kAccumulators / 4 pixels take tiles of four vectors. So the generic
 // loop runs wide layers at oneDNN's speed too (3x3 and 5x5, 48 to 512 channels, 4x4 to 224x224
-// pixels: forward 0.89x-1.13x, input gradient 0.88x-1.31x, benchmarks/RESULTS.md;
+// pixels: forward 0.90x-1.17x, input gradient 0.96x-1.67x, benchmarks/RESULTS.md;
 // cnnjax/cpu_kernels.py's conv_fits says what cnnjax/cpu_conv.py sends it). Output channels
 // fewer than a vector (an input gradient to 8 channels or fewer) take the dot tiles below.
 
@@ -502,7 +502,7 @@ struct Tap {
 };
 
 struct RowJob {
-  const float* in;  // input base of the row
+  const float* in;  // input base: a tap reads from in + offset - in_shift
   float* out;       // the row's first output pixel
   const float* add; // the addend at out's positions, or null
   const Tap* taps;
@@ -511,7 +511,13 @@ struct RowJob {
   // Gather tiles: the taps' weights are packed per block of two vectors of output channels
   // (PackBlocks), `w_block` floats from one block to the next, [ci, 2 * lanes] per tap.
   int64_t w_block;
+  int64_t in_shift;  // floats before `in` of the first row the offsets count from (PaddedRows)
 };
+
+// Where tap t's first input pixel lies.
+inline const float* TapInput(const RowJob& r, int64_t t) {
+  return r.in + (r.taps[t].offset - r.in_shift);
+}
 
 // Tap t's weights for output channels from o0 (a multiple of two vectors), in the packed layout:
 // each input channel's 2 * lanes weights follow the last's.
@@ -562,7 +568,7 @@ void GatherTile(const RowJob& r, int64_t p0, int64_t o0) {
   for (int p = 0; p < P; ++p)
     for (int v = 0; v < V; ++v) acc[p][v] = vw{};
   for (int64_t t = 0; t < r.ntaps; ++t) {
-    const float* xr = r.in + r.taps[t].offset + p0 * step;
+    const float* xr = TapInput(r, t) + p0 * step;
     const float* wr = TapWeights(r, t, o0);
     constexpr int64_t wstep = 2 * L;
     int64_t vo[V];
@@ -600,7 +606,7 @@ void GatherTriples(const RowJob& r, int64_t p0, int64_t o0) {
   for (int p = 0; p < P; ++p)
     for (int v = 0; v < V; ++v) acc[p][v] = vw{};
   for (int64_t t = 0; t < r.ntaps; t += kTriple) {
-    const float* xr = r.in + r.taps[t].offset + p0 * CI;
+    const float* xr = TapInput(r, t) + p0 * CI;
     const float* wr[kTriple];
     for (int d = 0; d < kTriple; ++d) wr[d] = TapWeights(r, t + d, o0);
     constexpr int64_t wstep = 2 * L;
@@ -729,7 +735,7 @@ void DotTile(const RowJob& r, int64_t p0, int64_t o0) {
   for (int p = 0; p < P; ++p)
     for (int o = 0; o < O; ++o) acc[p][o] = vw{};
   for (int64_t t = 0; t < r.ntaps; ++t) {
-    const float* xr = r.in + r.taps[t].offset + p0 * r.in_step;
+    const float* xr = TapInput(r, t) + p0 * r.in_step;
     const float* wr = r.taps[t].w + o0 * r.ci;
     for (int64_t k = 0; k < r.ci; k += L) {
       vw wv[O];
@@ -814,41 +820,52 @@ void GatherRows(std::vector<RowJob>& rows) {
       }
 }
 
-// Per-worker copies of image rows with `left` and `right` zero columns: rows [0, rows), `width`
-// pixels of `c` channels each. The zero columns are written once; a chunk copies in the rows it
-// reads.
+// Per-worker copies of a band of image rows with `left` and `right` zero columns: at most
+// `capacity` of the image's rows [0, rows), `width` pixels of `c` channels each. The zero columns
+// are written once; a chunk copies in the rows it reads, so that they are read back from cache.
 struct PaddedRows {
   int64_t rows, width, c, left, right;
   std::vector<std::vector<float>> buffers;
 
-  PaddedRows(int64_t threads, int64_t rows, int64_t width, int64_t c, int64_t left, int64_t right)
+  PaddedRows(int64_t threads, int64_t rows, int64_t width, int64_t c, int64_t left, int64_t right,
+             int64_t capacity)
       : rows(rows), width(width), c(c), left(left), right(right),
         buffers(left || right ? threads : 0,
-                std::vector<float>(rows * Stride(width, left, right, c), 0.f)) {}
+                std::vector<float>(std::min(rows, capacity) * Stride(width, left, right, c), 0.f)) {}
 
   static int64_t Stride(int64_t width, int64_t left, int64_t right, int64_t c) {
     return (left + width + right) * c;
   }
   int64_t stride() const { return Stride(width, left, right, c); }
 
-  // Rows [r0, r1) of image `image` of src ([.., rows, width, c]) into worker's buffer; returns the
-  // buffer's base (pixel 0 of row 0, the first zero column at -left).
-  const float* Fill(int worker, const float* src, int64_t image, int64_t r0, int64_t r1) {
-    if (left == 0 && right == 0) return src + image * rows * width * c;  // nothing to pad
+  // Rows [r0, r1) of image `image` of src ([.., rows, width, c]) into worker's buffer. Returns the
+  // base (pixel 0 of row r0, the first zero column at -left) and in *shift the floats from row 0
+  // to row r0 (the rows' offsets count from row 0).
+  const float* Fill(int worker, const float* src, int64_t image, int64_t r0, int64_t r1,
+                    int64_t* shift) {
+    if (left == 0 && right == 0) {  // nothing to pad: the image where it lies
+      *shift = 0;
+      return src + image * rows * width * c;
+    }
     float* b = buffers[worker].data();
     for (int64_t r = r0; r < r1; ++r)
-      std::memcpy(b + r * stride() + left * c, src + ((image * rows + r) * width) * c,
+      std::memcpy(b + (r - r0) * stride() + left * c, src + ((image * rows + r) * width) * c,
                   width * c * sizeof(float));
+    *shift = r0 * stride();
     return b + left * c;
   }
 };
 
 // Chunks of (image, band of output rows): one image each where there are images enough for 4
-// chunks a thread, else bands of rows.
+// chunks a thread, else bands of rows; and bands of at most `most` rows (BandRows): PaddedRows'
+// copy of a whole image larger than the cache was written out to memory and read back (64 -> 64
+// at 224x224, batch 8, 0.92x-0.93x -> 0.98x oneDNN's speed forward, 0.87x-0.88x -> 0.93x-0.97x
+// back; 128 -> 128 at 112x112 0.91x-0.96x -> 0.96x-0.97x and 0.89x-0.92x -> 0.95x-0.98x;
+// benchmarks/RESULTS.md).
 struct Bands {
   int64_t n, rows, bands, band;
-  Bands(int64_t n, int64_t rows, int64_t threads) : n(n), rows(rows) {
-    bands = std::min<int64_t>(rows, CeilDiv(4 * threads, n));
+  Bands(int64_t n, int64_t rows, int64_t threads, int64_t most) : n(n), rows(rows) {
+    bands = std::max(std::min<int64_t>(rows, CeilDiv(4 * threads, n)), CeilDiv(rows, most));
     band = CeilDiv(rows, bands);
     bands = CeilDiv(rows, band);
   }
@@ -859,6 +876,15 @@ struct Bands {
     *r1 = std::min(rows, *r0 + band);
   }
 };
+
+// The most output rows a band may hold where each needs `per_row` input rows and `extra` more
+// for the band, input rows being `row_floats` long: the band's input within kBandBytes.
+constexpr int64_t kBandBytes = 256 << 10;
+
+int64_t BandRows(int64_t row_floats, double per_row, int64_t extra) {
+  const int64_t fit = kBandBytes / (std::max<int64_t>(1, row_floats) * sizeof(float));
+  return std::max<int64_t>(1, static_cast<int64_t>((fit - extra) / per_row));
+}
 
 #if defined(__GNUC__) && !defined(__clang__)
 typedef int32_t vwi __attribute__((vector_size(sizeof(vw))));
@@ -986,9 +1012,11 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const int64_t n = xd[0], h = xd[1], wi = xd[2], ci = xd[3], kh = wd[0], kw = wd[1], co = wd[3];
   const int64_t ho = yd[1], wo = yd[2];
   const int64_t right = std::max<int64_t>(0, (wo - 1) * sw + kw - pl - wi);
-  const Bands bands(n, ho, pool.num_threads());
+  // A band of output rows reads (rows - 1) * sh + kh input rows.
+  const int64_t in_row = PaddedRows::Stride(wi, pl, right, ci);
+  const Bands bands(n, ho, pool.num_threads(), BandRows(in_row, sh, kh - sh));
   const int64_t threads = Threads(pool, bands.chunks());
-  PaddedRows padded(threads, h, wi, ci, pl, right);
+  PaddedRows padded(threads, h, wi, ci, pl, right, (bands.band - 1) * sh + kh);
   const float *xs = x.typed_data(), *ws = w.typed_data();
   float* ys = y->typed_data();
   // The weights packed per block of two vectors of output channels (PackBlocks).
@@ -1008,14 +1036,15 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   ParallelFor(pool, threads, bands.chunks(), [&](int worker, int64_t chunk) {
     int64_t image, r0, r1;
     bands.Of(chunk, &image, &r0, &r1);
+    int64_t shift;
     const float* base = padded.Fill(worker, xs, image, std::max<int64_t>(0, r0 * sh - pt),
-                                    std::min(h, (r1 - 1) * sh - pt + kh));
+                                    std::min(h, (r1 - 1) * sh - pt + kh), &shift);
     std::vector<RowJob> rows;
     for (int64_t oh = r0; oh < r1; ++oh) {
       const int64_t at = ((image * ho + oh) * wo) * co;
       rows.push_back({base, ys + at, add ? add + at : nullptr, taps[oh].data(),
                       static_cast<int64_t>(taps[oh].size()), ci, co, sw * ci, co, wo, 0, 0,
-                      w_block});
+                      w_block, shift});
     }
     GatherRows(rows);
   });
@@ -1062,9 +1091,11 @@ ffi::Error ConvInputGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
       right = std::max(right, last + d - (wo - 1));
     }
   }
-  const Bands bands(n, h, pool.num_threads());
+  // A band of input rows reads at most (rows + kh - 2) / sh + 1 rows of g.
+  const int64_t g_row = PaddedRows::Stride(wo, left, right, co);
+  const Bands bands(n, h, pool.num_threads(), BandRows(g_row, 1.0 / sh, (kh - 2 + sh) / sh + 1));
   const int64_t threads = Threads(pool, bands.chunks());
-  PaddedRows padded(threads, ho, wo, co, left, right);
+  PaddedRows padded(threads, ho, wo, co, left, right, (bands.band + kh - 2 + sh) / sh + 1);
   const float* gs = g.typed_data();
   float* out = dx->typed_data();
   // The taps of each input row's column phase b (the same in every image): g's pixels left to
@@ -1087,9 +1118,10 @@ ffi::Error ConvInputGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
     int64_t image, r0, r1;
     bands.Of(chunk, &image, &r0, &r1);
     // Input row ih reads g rows (ih + pt - i) / sh for i < kh.
+    int64_t shift;
     const float* base = padded.Fill(
         worker, gs, image, std::max<int64_t>(0, CeilDiv(r0 + pt - (kh - 1), sh)),
-        std::min(ho, FloorDiv(r1 - 1 + pt, sh) + 1));
+        std::min(ho, FloorDiv(r1 - 1 + pt, sh) + 1), &shift);
     std::vector<RowJob> rows;
     for (int64_t ih = r0; ih < r1; ++ih)
       for (int64_t b = 0; b < phases; ++b) {
@@ -1097,7 +1129,7 @@ ffi::Error ConvInputGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
         const int64_t at = ((image * h + ih) * wi + b) * ci;
         rows.push_back({base, out + at, add ? add + at : nullptr, row.data(),
                         static_cast<int64_t>(row.size()), co, ci, co, sw * ci,
-                        (wi - 1 - b) / sw + 1, 0, 0, w_block});
+                        (wi - 1 - b) / sw + 1, 0, 0, w_block, shift});
       }
     GatherRows(rows);
   });

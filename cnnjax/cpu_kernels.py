@@ -147,12 +147,11 @@ def weight_gradient(x: Array, g: Array, kernel: Sequence[int], strides: Sequence
 # oneDNN call, each alone): with the weights packed per block of output channels (cpu_kernels.cc,
 # PackBlocks) the loops run layers of WIDE_MIN_CHANNELS input channels or more to any multiple of
 # the vector width of outputs at oneDNN's speed, 3x3 and 5x5, stride 1 and 2, 4x4 to 224x224
-# pixels (benchmarks/cpu-gather-vs-onednn-2026-12-07.json, eighteen layers): forward 0.89x-1.13x
-# its speed (3x3 512 -> 512 at 4x4, batch 32, the slowest), input gradients 0.88x-1.31x (64 -> 64
-# at 224x224, which the loops took before, the slowest; stride 2 1.2x-1.3x). Inside a train step
+# pixels (benchmarks/cpu-gather-vs-onednn-2026-12-07-bands.json, nineteen layers): forward
+# 0.90x-1.17x its speed, input gradients 0.96x-1.67x (stride 2 1.2x-1.7x). Inside a train step
 # the kernel gains more (cnnjax/cpu_conv.py: oneDNN's calls lose to their thread pool on two
 # cores). An input gradient to one vector of x's channels from a wide output gradient (16 <- 128:
-# 0.88x) keeps oneDNN's call unless g has GATHER_CHANNELS (kernel rows then read in triples).
+# 0.72x-0.88x) keeps oneDNN's call unless g has GATHER_CHANNELS (kernel rows then read in triples).
 # An RGB first layer (3 channels) takes the kernel while its output is at most
 # RGB_MAX_OUTPUT_BYTES: with 27 multiply-adds per output it is bound by its stores, which beyond
 # the cache also read each line first (3 -> 16 at 32 px, batch 128, 8 MB out: 0.72 against
