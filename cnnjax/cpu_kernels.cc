@@ -37,6 +37,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 #include <memory>
 #include <thread>
 #include <type_traits>
@@ -512,6 +515,7 @@ struct RowJob {
   // (PackBlocks), `w_block` floats from one block to the next, [ci, 2 * lanes] per tap.
   int64_t w_block;
   int64_t in_shift;  // floats before `in` of the first row the offsets count from (PaddedRows)
+  bool stream;       // gather tiles store past the cache (StreamStore)
 };
 
 // Where tap t's first input pixel lies.
@@ -532,6 +536,34 @@ inline int64_t VectorOffset(const RowJob& r, int v) {
   return v / 2 * r.w_block + v % 2 * L;
 }
 
+// Stores v at p (a whole, aligned cache line of vectors) without reading the line first and past
+// the cache: for outputs larger than the cache (kStreamBytes), which an ordinary store reads in
+// before it writes. The caller's thread ends its streamed stores with StreamFence.
+inline void StreamStore(float* p, vw v) {
+#if defined(__AVX512F__)
+  _mm512_stream_ps(p, reinterpret_cast<__m512&>(v));
+#elif defined(__AVX__)
+  _mm256_stream_ps(p, reinterpret_cast<__m256&>(v));
+#else
+  Store(p, v);
+#endif
+}
+
+inline void StreamFence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
+}
+
+constexpr int64_t kStreamBytes = 32 << 20;
+
+// Whether a kernel writing `floats` floats at `out` streams its stores: more than kStreamBytes,
+// at a 64-byte boundary (every vector store then one whole cache line).
+bool Streams(const float* out, int64_t floats) {
+  return floats * static_cast<int64_t>(sizeof(float)) > kStreamBytes &&
+         reinterpret_cast<uintptr_t>(out) % 64 == 0 && sizeof(vw) % 64 == 0;
+}
+
 // Writes a tile's sums acc to output pixels [p0, p0 + P) x channels [o0, o0 + V * lanes), plus
 // the addend where there is one.
 template <int P, int V>
@@ -542,7 +574,10 @@ inline void StoreTile(const RowJob& r, const vw (&acc)[P][V], int64_t p0, int64_
     for (int v = 0; v < V; ++v) {
       vw value = acc[p][v];
       if (r.add) value += Load<vw>(r.add + at + L * v);
-      Store(r.out + at + L * v, value);
+      if (r.stream)
+        StreamStore(r.out + at + L * v, value);
+      else
+        Store(r.out + at + L * v, value);
     }
   }
 }
@@ -1019,6 +1054,7 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   PaddedRows padded(threads, h, wi, ci, pl, right, (bands.band - 1) * sh + kh);
   const float *xs = x.typed_data(), *ws = w.typed_data();
   float* ys = y->typed_data();
+  const bool stream = Streams(ys, y->element_count());
   // The weights packed per block of two vectors of output channels (PackBlocks).
   const Aligned pack(PackedFloats(kh * kw, ci, co));
   PackBlocks(pool, ws, kh * kw, ci, co, ci * co, co, 1, pack.data);
@@ -1044,9 +1080,10 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
       const int64_t at = ((image * ho + oh) * wo) * co;
       rows.push_back({base, ys + at, add ? add + at : nullptr, taps[oh].data(),
                       static_cast<int64_t>(taps[oh].size()), ci, co, sw * ci, co, wo, 0, 0,
-                      w_block, shift});
+                      w_block, shift, stream});
     }
     GatherRows(rows);
+    if (stream) StreamFence();
   });
   return ffi::Error::Success();
 }
@@ -1098,6 +1135,7 @@ ffi::Error ConvInputGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
   PaddedRows padded(threads, ho, wo, co, left, right, (bands.band + kh - 2 + sh) / sh + 1);
   const float* gs = g.typed_data();
   float* out = dx->typed_data();
+  const bool stream = packed && Streams(out, dx->element_count());
   // The taps of each input row's column phase b (the same in every image): g's pixels left to
   // right.
   const int64_t phases = std::min(sw, wi);
@@ -1129,9 +1167,10 @@ ffi::Error ConvInputGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
         const int64_t at = ((image * h + ih) * wi + b) * ci;
         rows.push_back({base, out + at, add ? add + at : nullptr, row.data(),
                         static_cast<int64_t>(row.size()), co, ci, co, sw * ci,
-                        (wi - 1 - b) / sw + 1, 0, 0, w_block, shift});
+                        (wi - 1 - b) / sw + 1, 0, 0, w_block, shift, stream});
       }
     GatherRows(rows);
+    if (stream) StreamFence();
   });
   return ffi::Error::Success();
 }

@@ -152,41 +152,39 @@ def weight_gradient(x: Array, g: Array, kernel: Sequence[int], strides: Sequence
 # the kernel gains more (cnnjax/cpu_conv.py: oneDNN's calls lose to their thread pool on two
 # cores). An input gradient to one vector of x's channels from a wide output gradient (16 <- 128:
 # 0.72x-0.88x) keeps oneDNN's call unless g has GATHER_CHANNELS (kernel rows then read in triples).
-# An RGB first layer (3 channels) takes the kernel while its output is at most
-# RGB_MAX_OUTPUT_BYTES: with 27 multiply-adds per output it is bound by its stores, which beyond
-# the cache also read each line first (3 -> 16 at 32 px, batch 128, 8 MB out: 0.72 against
-# oneDNN's 0.85 ms; 3 -> 64 at 112 px, batch 32, 98 MB: 10.0 against 6.2); at any size to at most
-# two vectors of outputs (MobileNet's 3x3 stride-2 stem to 32 at 224 px,
-# batch 32: 3.0-3.4 against 2.7-3.6 ms) or with at least RGB_ANY_SIZE_TAPS kernel taps (the 7x7
-# stride-2 stem of ResNets, DenseNets and GoogLeNet, 147 multiply-adds per output: 17.4-17.9
-# against 16.4 ms at batch 32). At most NARROW_CHANNELS input channels (LeNet-5's C3: 6) take it
-# to at most two vectors of outputs, at most RGB_MAX_OUTPUT_BYTES out (oneDNN's kernel was faster
-# at 4 and 6 channels to 64). Programs whose every convolution the kernels take hold no oneDNN
-# call and enter the persistent compilation cache.
+# An RGB first layer (3 channels) takes the kernel at any size, though with 27 multiply-adds per
+# output a 3x3 one is bound by its stores: where the output is larger than the cache (32 MB) they
+# stream past it (cpu_kernels.cc, StreamStore), without which 3 -> 64 at 224 px, batch 8 or 16,
+# ran at 0.41x-0.48x oneDNN's speed. Per layer, three runs (the last in
+# benchmarks/cpu-gather-vs-onednn-2026-12-07-rgb.json): 3 -> 16 at 32 px, batch 128, 1.4x-1.7x;
+# MobileNet's 3x3 stride-2 stem to 32 at 224 px, batch 32, 0.98x-1.28x; the 7x7 stride-2 stem of
+# ResNets, DenseNets and GoogLeNet (147 multiply-adds per output) 0.89x-0.98x; 3 -> 64 3x3 at
+# 224 px 0.86x-1.02x, at 32 px 0.57x-0.89x: at most about a millisecond against steps of
+# seconds (vgg16@224 and mobilenet_v2@224 unchanged in whole steps), for a program that then
+# holds no oneDNN call. At most NARROW_CHANNELS input channels (LeNet-5's C3: 6) take it to at
+# most two vectors of outputs, at most NARROW_MAX_OUTPUT_BYTES out (oneDNN's kernel was faster at
+# 4 and 6 channels to 64).
+# Programs whose every convolution the kernels take hold no oneDNN call and enter the persistent
+# compilation cache.
 GATHER_CHANNELS = (16, 32, 64)
 WIDE_MIN_CHANNELS = 16
-RGB_MAX_OUTPUT_BYTES = 32 << 20
-RGB_ANY_SIZE_TAPS = 25
+NARROW_MAX_OUTPUT_BYTES = 32 << 20
 NARROW_CHANNELS = 8
 
 
-def conv_fits(c_in: int, c_out: int, outputs: int, taps: int = 9) -> bool:
-    """Whether `conv` runs a layer of c_in -> c_out channels and `taps` kernel taps writing
-    `outputs` floats in its own loops, as fast as oneDNN's call or faster (above): at least
-    WIDE_MIN_CHANNELS in; or 3 (RGB) with at most RGB_MAX_OUTPUT_BYTES out, or to at most two
-    vectors, or with RGB_ANY_SIZE_TAPS taps or more; or at most NARROW_CHANNELS in to at most two
-    vectors with at most RGB_MAX_OUTPUT_BYTES out; always a multiple of the vector width out.
-    `available()` first."""
-    lanes = vector_floats()
-    rgb_any_size = c_in == 3 and (c_out <= 2 * lanes or taps >= RGB_ANY_SIZE_TAPS)
-    return (c_in >= WIDE_MIN_CHANNELS or rgb_any_size or _small_input_fits(c_in, c_out, outputs)
-            ) and c_out % lanes == 0
+def conv_fits(c_in: int, c_out: int, outputs: int) -> bool:
+    """Whether `conv` runs a layer of c_in -> c_out channels writing `outputs` floats in its own
+    loops (above), any kernel size: at least WIDE_MIN_CHANNELS in, or 3 (RGB), or at most
+    NARROW_CHANNELS in to at most two vectors with at most NARROW_MAX_OUTPUT_BYTES out; always a
+    multiple of the vector width out. `available()` first."""
+    return (c_in >= WIDE_MIN_CHANNELS or c_in == 3 or _small_input_fits(c_in, c_out, outputs)
+            ) and c_out % vector_floats() == 0
 
 
 def _small_input_fits(c_in: int, c_out: int, outputs: int) -> bool:
     """3 (RGB) or at most NARROW_CHANNELS input channels (then to at most two vectors) with at most
-    RGB_MAX_OUTPUT_BYTES out."""
-    small = 4 * outputs <= RGB_MAX_OUTPUT_BYTES
+    NARROW_MAX_OUTPUT_BYTES out."""
+    small = 4 * outputs <= NARROW_MAX_OUTPUT_BYTES
     return small and (c_in == 3 or (c_in <= NARROW_CHANNELS and c_out <= 2 * vector_floats()))
 
 

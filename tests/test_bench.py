@@ -373,8 +373,10 @@ def test_gather_against_onednn_benchmark_saves_rows_and_checks_its_layers(tmp_pa
     lanes = cpu_kernels.vector_floats() if cpu_kernels.available() else 16
     with pytest.raises(SystemExit, match="expected B,S,CIN,COUT,K,STRIDE"):
         cpu_gather_vs_onednn.parse("2,4,x", lanes)
-    with pytest.raises(SystemExit, match="multiples of"):
+    with pytest.raises(SystemExit, match="COUT a multiple of"):
         cpu_gather_vs_onednn.parse(f"2,4,{lanes},{lanes + 1},3,1", lanes)
+    with pytest.raises(SystemExit, match="CIN 3 or a multiple of"):
+        cpu_gather_vs_onednn.parse(f"2,4,5,{lanes},3,1", lanes)
     if not (cpu_kernels.available() and onednn.available()):
         pytest.skip("needs cnnjax's CPU kernels and jaxlib's oneDNN call")
     out = tmp_path / "layers.json"

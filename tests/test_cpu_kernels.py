@@ -323,10 +323,11 @@ def test_generic_layers_take_the_gather_kernel_where_their_channels_fit(
 
 
 @needs_native
-def test_rgb_first_layers_take_the_gather_kernel_by_output_size_width_and_taps():
-    # 3 input channels: the "taps" form by shape, beside oneDNN's call the onednn form. The gather
-    # kernel takes the forward pass while the output is at most RGB_MAX_OUTPUT_BYTES, and at any
-    # size to at most two vectors of outputs or with RGB_ANY_SIZE_TAPS taps or more.
+def test_rgb_first_layers_take_the_gather_kernel_at_any_size_and_narrow_ones_while_small():
+    # 3 input channels: the "taps" form by shape, beside oneDNN's call the onednn form; the gather
+    # kernel takes its forward pass at any output size, width and kernel. 4 input channels (the
+    # narrow form, beside oneDNN's call the onednn form) to two vectors: while the output is at
+    # most NARROW_MAX_OUTPUT_BYTES.
     from cnnjax import onednn
 
     if not onednn.available():
@@ -334,15 +335,36 @@ def test_rgb_first_layers_take_the_gather_kernel_by_output_size_width_and_taps()
     lanes = cpu_kernels.vector_floats()
     fn = jax.jit(lambda x, w: cpu_conv.conv_general_dilated(x, w, (1, 1), "SAME",
                                                             dimension_numbers=cpu_conv._NHWC))
-    # 3x3 to 4 vectors: 32 and 512 MiB out with AVX-512's 16 lanes, 16 and 256 MiB with AVX's 8.
-    for batch, kernel, outputs, gather in ((128, 3, 4 * lanes, True), (2048, 3, 4 * lanes, False),
-                                           (2048, 3, 2 * lanes, True), (2048, 5, 4 * lanes, True)):
-        x = jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.float32)
-        w = jax.ShapeDtypeStruct((kernel, kernel, 3, outputs), jnp.float32)
-        small = 4 * batch * 32 * 32 * outputs <= cpu_kernels.RGB_MAX_OUTPUT_BYTES
+    # With AVX-512's 16 lanes: 3x3 to 4 vectors 32 and 512 MiB out; 4 -> 2 vectors 16 and 256 MiB.
+    for batch, c_in, kernel, outputs, gather in (
+            (128, 3, 3, 4 * lanes, True), (2048, 3, 3, 4 * lanes, True),
+            (2048, 3, 5, 4 * lanes, True), (128, 4, 3, 2 * lanes, True),
+            (2048, 4, 3, 2 * lanes, False)):
+        x = jax.ShapeDtypeStruct((batch, 32, 32, c_in), jnp.float32)
+        w = jax.ShapeDtypeStruct((kernel, kernel, c_in, outputs), jnp.float32)
+        small = 4 * batch * 32 * 32 * outputs <= cpu_kernels.NARROW_MAX_OUTPUT_BYTES
         assert small == (batch == 128)
         hlo = fn.lower(x, w).compile().as_text()
         assert _calls(hlo, cpu_kernels.CONV, onednn.TARGET) == ([1, 0] if gather else [0, 1])
+
+
+@needs_native
+def test_outputs_larger_than_the_cache_are_stored_past_it_and_agree():
+    # Beyond 32 MB the gather tiles stream their stores (StreamStore): an RGB layer's 67 MB output
+    # with an addend, and a 34 MB input gradient.
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((16, 128, 128, 3), np.float32)
+    w = rng.standard_normal((3, 3, 3, 64), np.float32)
+    padding = ((1, 1), (1, 1))
+    a = rng.standard_normal((16, 128, 128, 64), np.float32)
+    got = jax.jit(lambda x, w, a: cpu_kernels.conv(x, w, (1, 1), padding, a))(x, w, a)
+    chex.assert_trees_all_close(got, _xla(x, w, (1, 1), padding) + a, atol=1e-4, rtol=1e-4)
+    x = rng.standard_normal((16, 128, 128, 32), np.float32)
+    w = rng.standard_normal((3, 3, 32, 32), np.float32) / 17
+    y, vjp = jax.vjp(lambda x: _xla(x, w, (1, 1), padding), x)
+    g = rng.standard_normal(y.shape, np.float32)
+    got = jax.jit(lambda g, w: cpu_kernels.input_gradient(g, w, x.shape, (1, 1), padding))(g, w)
+    chex.assert_trees_all_close(got, vjp(g)[0], atol=1e-4, rtol=1e-4)
 
 
 @needs_native
