@@ -866,7 +866,7 @@ struct PaddedRows {
              int64_t capacity)
       : rows(rows), width(width), c(c), left(left), right(right),
         buffers(left || right ? threads : 0,
-                std::vector<float>(std::min(rows, capacity) * Stride(width, left, right, c), 0.f)) {}
+                std::vector<float>(std::min(rows, capacity) * Stride(width, left, right, c))) {}
 
   static int64_t Stride(int64_t width, int64_t left, int64_t right, int64_t c) {
     return (left + width + right) * c;

@@ -3,12 +3,12 @@
 The weight gradient of a convolution, where XLA:CPU's generic kernel is 2x to 3x slower than
 oneDNN's backward-weights kernel in PyTorch, and jaxlib's oneDNN call (cnnjax/onednn.py) runs
 forward kernels only; the forward pass and input gradient of convolutions from 16 channels up, and
-of RGB and narrow layers (`conv`, `input_gradient`: the "gather kernel", as fast as jaxlib's oneDNN
-calls or faster on two cores, cnnjax/cpu_conv.py says when it runs); and a training-mode batch norm
-with the residual add and ReLU after it, forward and backward (`norm_act`, which
-cnnjax/batchnorm.py explains). The C++ file is compiled
-once per machine with the system's C++ compiler (`$CXX`, else `c++`) and `-O3 -march=native`,
-into a cache keyed by the source, the compiler, jaxlib and the CPU ($CNNJAX_NATIVE_CACHE, else
+of RGB and narrow layers (`conv`, `input_gradient`: the "gather kernel", about as fast as jaxlib's
+oneDNN calls alone and faster inside train steps on two cores, cnnjax/cpu_conv.py says when it
+runs); and a training-mode batch norm with the residual add and ReLU after it, forward and backward
+(`norm_act`, which cnnjax/batchnorm.py explains). The C++ file is compiled once per machine with
+the system's C++ compiler (`$CXX`, else `c++`) and `-O3 -march=native`, into a cache keyed by the
+source, the compiler, jaxlib and the CPU ($CNNJAX_NATIVE_CACHE, else
 $XDG_CACHE_HOME/cnnjax/native, else ~/.cache/cnnjax/native), and registered as XLA FFI targets.
 Where there is no compiler, the build fails or a kernel disagrees with XLA on a small check,
 `available()` says False (with one warning saying why) and cnnjax keeps XLA's ops.
@@ -192,10 +192,9 @@ def input_gradient_fits(c_in: int, c_out: int, size: int) -> bool:
     """Whether `input_gradient` runs the input gradient of a layer of c_in -> c_out channels whose
     input holds `size` floats in its own loops (above; the gather then reads g's c_out channels and
     writes x's c_in): at least WIDE_MIN_CHANNELS of g to a multiple of the vector width of x, more
-    than one vector; or
-    GATHER_CHANNELS of g, or few (`conv_fits`'s small-input rule, swapped), to a multiple of the
-    vector width of x; or in its dot tiles, for at most NARROW_CHANNELS of x (LeNet-5's C3: 6) from
-    a multiple of the vector width of g. `available()` first."""
+    than one vector; or GATHER_CHANNELS of g, or few (`conv_fits`'s small-input rule, swapped), to
+    a multiple of the vector width of x; or in its dot tiles, for at most NARROW_CHANNELS of x
+    (LeNet-5's C3: 6) from a multiple of the vector width of g. `available()` first."""
     lanes = vector_floats()
     wide = c_out >= WIDE_MIN_CHANNELS and c_in % lanes == 0 and c_in > lanes
     gather = ((c_out in GATHER_CHANNELS or _small_input_fits(c_out, c_in, size))
