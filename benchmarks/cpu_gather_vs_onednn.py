@@ -50,9 +50,9 @@ def parse(spec: str, lanes: int) -> tuple[int, ...]:
     except ValueError:
         raise SystemExit(f"layer {spec!r}: expected B,S,CIN,COUT,K,STRIDE, "
                          "e.g. 32,4,512,512,3,1") from None
-    if min(b, s, c_in, c_out, k, stride) < 1 or (c_in % lanes and c_in != 3) or c_out % lanes:
-        raise SystemExit(f"layer {spec!r}: every field must be positive, CIN 3 or a multiple of "
-                         f"{lanes} (the vector width), COUT a multiple of {lanes}")
+    if min(b, s, c_in, c_out, k, stride) < 1 or c_out % lanes:
+        raise SystemExit(f"layer {spec!r}: every field must be positive, COUT a multiple of "
+                         f"{lanes} (the vector width) for both kernels")
     return b, s, c_in, c_out, k, stride
 
 

@@ -68,9 +68,10 @@ Array = jax.Array
 # forward pass of a layer with 16 or more input channels, or an RGB first layer, or at most 8 input
 # channels to at most two vectors of outputs (`cpu_kernels.conv_fits`), and a multiple of a vector
 # register's floats of output channels (16 with AVX-512); the input gradient from 16 or more output
-# channels to more than one vector of input channels, or from 16, 32 or 64 to one, or where the
-# small-input rules hold with the channel counts swapped, or where the layer has at most 8 input
-# channels and a multiple of the vector's floats of outputs (its "dot tiles":
+# channels to more than one vector of input channels, or to one from at most three vectors or from
+# 16, 32 or 64, or where the small-input rules hold with the channel counts swapped, or where the
+# layer has at most 8 input channels, or between one and two vectors of them that are no multiple
+# of the lanes, and a multiple of the vector's floats of outputs (its "dot tiles":
 # `cpu_kernels.input_gradient_fits`), at any stride and padding. jaxlib's oneDNN calls run PyTorch's
 # kernel at its speed on one core but lose 5% to 50% on two inside a train step (XLA's oneDNN thread
 # pool splits a call into exactly as many tasks as it has threads and blocks the caller); the gather
@@ -79,9 +80,9 @@ Array = jax.Array
 # input gradient is one call, each input pixel summing only the taps that reach it. resnet20's train
 # step 1.068x faster than with oneDNN's calls; resnet18 at 32 px 1.07x-1.09x, vgg16 at 64 px
 # 1.02x-1.05x, resnet50 and googlenet at 64 px 1.01x-1.04x once the wide layers took it too
-# (benchmarks/RESULTS.md). Programs without oneDNN's call (every ResNet's, VGG's, AlexNet's, the
-# DenseNets', MobileNetV2's and EfficientNet-B0's; GoogLeNet keeps it for the input gradients of its
-# 24-channel layers and of 16 channels from 48) enter the persistent compilation cache.
+# (benchmarks/RESULTS.md). Programs without oneDNN's call (every ResNet's, VGG's, AlexNet's,
+# GoogLeNet's, the DenseNets', MobileNetV2's and EfficientNet-B0's) enter the persistent
+# compilation cache.
 #
 # Native weight gradient: the float32 layers of the forms taps, narrow, onednn and native (one
 # group, no dilation, non-negative padding, a multiple of 8 filters or at most

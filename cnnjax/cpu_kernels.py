@@ -151,7 +151,12 @@ def weight_gradient(x: Array, g: Array, kernel: Sequence[int], strides: Sequence
 # 0.90x-1.17x its speed, input gradients 0.96x-1.67x (stride 2 1.2x-1.7x). Inside a train step
 # the kernel gains more (cnnjax/cpu_conv.py: oneDNN's calls lose to their thread pool on two
 # cores). An input gradient to one vector of x's channels from a wide output gradient (16 <- 128:
-# 0.72x-0.88x) keeps oneDNN's call unless g has GATHER_CHANNELS (kernel rows then read in triples).
+# 0.72x-0.88x) keeps oneDNN's call unless g has at most ONE_VECTOR_MAX_OUTPUTS vectors (16 <- 48:
+# 0.80x-1.10x) or GATHER_CHANNELS (kernel rows then read in triples). Between one and two vectors
+# of x's channels that are no multiple of the lanes (GoogLeNet's 5x5 24 <- 64) run in dot tiles,
+# 0.50x-0.91x oneDNN's speed (benchmarks/cpu-gather-vs-onednn-2026-12-08-googlenet.json): a few
+# milliseconds of a GoogLeNet step (0.99x-1.05x the speed of googlenet@64's whole step), for a
+# program that holds no oneDNN call.
 # An RGB first layer (3 channels) takes the kernel at any size, though with 27 multiply-adds per
 # output a 3x3 one is bound by its stores: where the output is larger than the cache (32 MB) they
 # stream past it (cpu_kernels.cc, StreamStore), without which 3 -> 64 at 224 px, batch 8 or 16,
@@ -170,6 +175,7 @@ GATHER_CHANNELS = (16, 32, 64)
 WIDE_MIN_CHANNELS = 16
 NARROW_MAX_OUTPUT_BYTES = 32 << 20
 NARROW_CHANNELS = 8
+ONE_VECTOR_MAX_OUTPUTS = 3
 
 
 def conv_fits(c_in: int, c_out: int, outputs: int) -> bool:
@@ -192,14 +198,18 @@ def input_gradient_fits(c_in: int, c_out: int, size: int) -> bool:
     """Whether `input_gradient` runs the input gradient of a layer of c_in -> c_out channels whose
     input holds `size` floats in its own loops (above; the gather then reads g's c_out channels and
     writes x's c_in): at least WIDE_MIN_CHANNELS of g to a multiple of the vector width of x, more
-    than one vector; or GATHER_CHANNELS of g, or few (`conv_fits`'s small-input rule, swapped), to
-    a multiple of the vector width of x; or in its dot tiles, for at most NARROW_CHANNELS of x
-    (LeNet-5's C3: 6) from a multiple of the vector width of g. `available()` first."""
+    than one vector (or one, from at most ONE_VECTOR_MAX_OUTPUTS vectors of g); or GATHER_CHANNELS
+    of g, or few (`conv_fits`'s small-input rule, swapped), to a multiple of the vector width of x;
+    or in its dot tiles, from a multiple of the vector width of g, for at most NARROW_CHANNELS of x
+    (LeNet-5's C3: 6) or, from WIDE_MIN_CHANNELS of g, between one and two vectors of x that are
+    no multiple of the lanes (GoogLeNet's 24). `available()` first."""
     lanes = vector_floats()
-    wide = c_out >= WIDE_MIN_CHANNELS and c_in % lanes == 0 and c_in > lanes
+    wide = (c_out >= WIDE_MIN_CHANNELS and c_in % lanes == 0
+            and (c_in > lanes or c_out <= ONE_VECTOR_MAX_OUTPUTS * lanes))
     gather = ((c_out in GATHER_CHANNELS or _small_input_fits(c_out, c_in, size))
               and c_in % lanes == 0)
-    dot = c_in <= NARROW_CHANNELS and c_in % lanes != 0 and c_out % lanes == 0
+    between = c_out >= WIDE_MIN_CHANNELS and lanes < c_in < 2 * lanes
+    dot = c_in % lanes != 0 and c_out % lanes == 0 and (c_in <= NARROW_CHANNELS or between)
     return wide or gather or dot
 
 

@@ -257,23 +257,23 @@ def _calls(hlo, *targets):
 # (input shape, kernel shape, strides, the gather kernel's calls: forward, input gradient).
 # 16 -> 32 channels: both passes, at stride 1 and 2. The forward pass from 16 input channels up
 # (WIDE_MIN_CHANNELS); the input gradient, which reads the output gradient's channels, from 16 of
-# them up to more than one vector of x's channels, or to one from GATHER_CHANNELS: 16 -> 48 takes
-# the forward pass only, and so does 16 -> 128 (x's one vector from a wide g); 48 -> 16, a DenseNet
-# growth layer (128 -> 32), 256 -> 256 at 4x4 and 96 -> 128 at stride 2 both; 24 -> 64 the forward
-# pass only (x's 24 channels are no multiple of the lanes). At most 8 input channels
+# them up to more than one vector of x's channels, or to one from at most three vectors or from
+# GATHER_CHANNELS: 16 -> 48 both, 16 -> 128 the forward pass only (x's one vector from a wide g);
+# 48 -> 16, a DenseNet growth layer (128 -> 32), 256 -> 256 at 4x4 and 96 -> 128 at stride 2 both;
+# 24 -> 64 both (x's 24 channels, no multiple of the lanes, in dot tiles). At most 8 input channels
 # (NARROW_CHANNELS) both where the output is at most two vectors (8 -> 16: the generic loop
 # forward, dot tiles back), the input gradient only where it is more (6 -> 64: oneDNN's forward
 # pass was faster); 12 -> 16 neither (12 channels are too few for the wide rule and too many for
 # dot tiles).
 GATHER_FORM_CASES = [((2, 9, 9, 16), (3, 3, 16, 32), (1, 1), (1, 1)),
                      ((2, 9, 9, 16), (3, 3, 16, 32), (2, 2), (1, 1)),
-                     ((2, 8, 8, 16), (3, 3, 16, 48), (1, 1), (1, 0)),
+                     ((2, 8, 8, 16), (3, 3, 16, 48), (1, 1), (1, 1)),
                      ((2, 8, 8, 48), (3, 3, 48, 16), (1, 1), (1, 1)),
                      ((2, 6, 6, 128), (3, 3, 128, 32), (1, 1), (1, 1)),
                      ((2, 6, 6, 16), (3, 3, 16, 128), (1, 1), (1, 0)),
                      ((2, 4, 4, 256), (3, 3, 256, 256), (1, 1), (1, 1)),
                      ((2, 8, 8, 96), (3, 3, 96, 128), (2, 2), (1, 1)),
-                     ((2, 8, 8, 24), (3, 3, 24, 64), (1, 1), (1, 0)),
+                     ((2, 8, 8, 24), (3, 3, 24, 64), (1, 1), (1, 1)),
                      ((2, 8, 8, 8), (3, 3, 8, 16), (1, 1), (1, 1)),
                      ((2, 8, 8, 6), (3, 3, 6, 64), (1, 1), (0, 1)),
                      ((2, 8, 8, 12), (3, 3, 12, 16), (1, 1), (0, 0))]
