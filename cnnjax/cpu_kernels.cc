@@ -694,6 +694,9 @@ void GatherRowOf(const RowJob& r) {
   });
 }
 
+// The input channel counts GatherRowV has loops of its own for (the others take the generic one).
+inline bool OwnLoops(int64_t ci) { return ci == 3 || ci == 16 || ci == 32 || ci == 64; }
+
 template <int V>
 void GatherRowV(const RowJob& r) {
   if (Triples(r)) {
@@ -840,8 +843,8 @@ void GatherRows(std::vector<RowJob>& rows) {
   // Four vectors a tile for short rows of the generic loop (the input channel counts with loops of
   // their own keep those): 3x3 512 -> 512 at 4x4, batch 32 and 128, 0.79x-0.83x -> 0.93x-0.97x
   // oneDNN's speed forward (benchmarks/RESULTS.md).
-  const bool wide = co % (4 * L) == 0 && rows[0].pixels <= kAccumulators / 4 &&
-                    rows[0].ci != 16 && rows[0].ci != 32 && rows[0].ci != 64 && rows[0].ci != 3;
+  const bool wide =
+      co % (4 * L) == 0 && rows[0].pixels <= kAccumulators / 4 && !OwnLoops(rows[0].ci);
   const int64_t block = wide ? 4 * L : co % L == 0 ? 2 * L : co;
   const int64_t row_bytes = rows[0].pixels * rows[0].in_step * static_cast<int64_t>(sizeof(float));
   const int64_t group = std::max<int64_t>(1, kGroupBytes / std::max<int64_t>(1, row_bytes) - 2);
