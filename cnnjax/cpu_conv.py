@@ -62,27 +62,27 @@ Array = jax.Array
 #   at 64 px 1.8x (benchmarks/RESULTS.md). `CNNJAX_CPU_ONEDNN=off` turns oneDNN's calls off.
 # - "native": where oneDNN's call is off or unavailable, the same layers take the gather kernel
 #   where their channels fit it, else XLA's forward pass and input gradient, and the native weight
-#   gradient.
+#   gradient (a layer that none of the three takes stays XLA's convolution).
 #
 # Gather kernel (`cpu_kernels.conv`, `cpu_kernels.input_gradient`, cnnjax/cpu_kernels.cc): the
 # forward pass of a layer with 16 or more input channels, or an RGB first layer, or at most 8 input
-# channels to at most two vectors of outputs (`cpu_kernels.conv_fits`), and a multiple of a vector
-# register's floats of output channels (16 with AVX-512); the input gradient from 16 or more output
-# channels to more than one vector of input channels, or to one from at most three vectors or from
-# 16, 32 or 64, or where the small-input rules hold with the channel counts swapped, or where the
-# layer has at most 8 input channels, or between one and two vectors of them that are no multiple
-# of the lanes, and a multiple of the vector's floats of outputs (its "dot tiles":
-# `cpu_kernels.input_gradient_fits`), at any stride and padding. jaxlib's oneDNN calls run PyTorch's
-# kernel at its speed on one core but lose 5% to 50% on two inside a train step (XLA's oneDNN thread
-# pool splits a call into exactly as many tasks as it has threads and blocks the caller); the gather
-# kernel's chunks go to whichever thread is free, its weights are packed per block of output
-# channels, and its 3-wide kernel rows share each input read across three taps. A strided layer's
-# input gradient is one call, each input pixel summing only the taps that reach it. resnet20's train
-# step 1.068x faster than with oneDNN's calls; resnet18 at 32 px 1.07x-1.09x, vgg16 at 64 px
-# 1.02x-1.05x, resnet50 and googlenet at 64 px 1.01x-1.04x once the wide layers took it too
-# (benchmarks/RESULTS.md). Programs without oneDNN's call (every ResNet's, VGG's, AlexNet's,
-# GoogLeNet's, the DenseNets', MobileNetV2's and EfficientNet-B0's) enter the persistent
-# compilation cache.
+# channels to at most two vectors of outputs (`cpu_kernels.conv_fits`; a vector register holds 16
+# floats with AVX-512), to any count of output channels (the last vector of a tile written only up
+# to the last); the input gradient from 12 or more output channels to more than one vector of
+# input channels, or to one from at most three vectors, or from 16, 32 or 64, or where the
+# small-input rules hold with the channel counts swapped, or to at most 8 input channels from a
+# multiple of the vector's floats (its "dot tiles": `cpu_kernels.input_gradient_fits`), at any
+# stride and padding. jaxlib's oneDNN calls run PyTorch's kernel at its speed on one core but lose
+# 5% to 50% on two inside a train step (XLA's oneDNN thread pool splits a call into exactly as many
+# tasks as it has threads and blocks the caller); the gather kernel's chunks go to whichever thread
+# is free, its weights are packed per block of output channels, and its 3-wide kernel rows share
+# each input read across three taps. A strided layer's input gradient is one call, each input
+# pixel summing only the taps that reach it. resnet20's train step 1.068x faster than with
+# oneDNN's calls; resnet18 at 32 px 1.07x-1.09x, vgg16 at 64 px 1.02x-1.05x, resnet50 and
+# googlenet at 64 px 1.01x-1.04x once the wide layers took it too (benchmarks/RESULTS.md). Programs
+# without oneDNN's call (every registered model's, since channel counts that are no multiple of the
+# vector took it too: DenseNet-BC's growth of 12, EfficientNet-B3's and B6's stems) enter the
+# persistent compilation cache.
 #
 # Native weight gradient: the float32 layers of the forms taps, narrow, onednn and native (one
 # group, no dilation, non-negative padding, a multiple of 8 filters or at most
@@ -382,7 +382,9 @@ def _cpu_form(lhs: Array, rhs: Array, strides: tuple[int, int], padding: Any, lh
             strides, preferred_element_type):
         if onednn.enabled() and onednn.available() and _onednn_beside(form, rhs.shape):
             return "onednn"
-        if form is None and rhs.shape[3] % 8 == 0 and cpu_kernels.usable():
+        if form is None and cpu_kernels.usable() and (
+                rhs.shape[3] % 8 == 0 or _gather_forward(lhs, rhs, strides, padding)
+                or _gather_input_gradient(lhs, rhs)):
             return "native"
     return form
 

@@ -77,6 +77,29 @@ inline Vec Load(const float* p) {
 template <typename Vec>
 inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
 
+// Loads (the rest zero) and stores the first n < lanes floats of a vw at p: masked with AVX-512,
+// else through memcpy. A gather tile's last vector of output channels, where their count is no
+// multiple of the lanes (DenseNet-BC's growth of 12, EfficientNet-B3's 40-channel stem), so
+// writes its own pixel's channels and not the next pixel's.
+inline vw LoadPart(const float* p, int64_t n) {
+#if defined(__AVX512F__)
+  const __m512 v = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+  return reinterpret_cast<const vw&>(v);
+#else
+  vw v{};
+  std::memcpy(&v, p, n * sizeof(float));
+  return v;
+#endif
+}
+
+inline void StorePart(float* p, vw v, int64_t n) {
+#if defined(__AVX512F__)
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), reinterpret_cast<__m512&>(v));
+#else
+  std::memcpy(p, &v, n * sizeof(float));
+#endif
+}
+
 struct Conv {
   int64_t n, h, w, ci;  // x
   int64_t ho, wo, co;   // g
@@ -496,7 +519,9 @@ ffi::Error WeightGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 // loop runs wide layers at oneDNN's speed too (3x3 and 5x5, 48 to 512 channels, 4x4 to 224x224
 // pixels: forward 0.90x-1.17x, input gradient 0.96x-1.67x, benchmarks/RESULTS.md;
 // cnnjax/cpu_kernels.py's conv_fits says what cnnjax/cpu_conv.py sends it). Output channels
-// fewer than a vector (an input gradient to 8 channels or fewer) take the dot tiles below.
+// that are no multiple of the vector write a tile's last vector only up to the last channel
+// (StorePart, the weights padded with zeros); at most half a vector of them from whole vectors of
+// input channels (an input gradient to 8 channels or fewer) take the dot tiles below instead.
 
 // The input pixels, taps and output pixels of one output row (or column phase of one).
 struct Tap {
@@ -516,6 +541,7 @@ struct RowJob {
   int64_t w_block;
   int64_t in_shift;  // floats before `in` of the first row the offsets count from (PaddedRows)
   bool stream;       // gather tiles store past the cache (StreamStore)
+  bool dot;          // dot tiles (below), whose taps' weights are [co, ci] as the kernel holds them
 };
 
 // Where tap t's first input pixel lies.
@@ -557,18 +583,32 @@ inline void StreamFence() {
 
 constexpr int64_t kStreamBytes = 32 << 20;
 
-// Whether a kernel writing `floats` floats at `out` streams its stores: more than kStreamBytes,
-// at a 64-byte boundary (every vector store then one whole cache line).
-bool Streams(const float* out, int64_t floats) {
+// Whether a kernel writing `floats` floats at `out`, pixels of `channels` floats, streams its
+// stores: more than kStreamBytes, every pixel at a 64-byte boundary (every vector store then one
+// whole cache line).
+bool Streams(const float* out, int64_t floats, int64_t channels) {
   return floats * static_cast<int64_t>(sizeof(float)) > kStreamBytes &&
-         reinterpret_cast<uintptr_t>(out) % 64 == 0 && sizeof(vw) % 64 == 0;
+         reinterpret_cast<uintptr_t>(out) % 64 == 0 && sizeof(vw) % 64 == 0 &&
+         channels * sizeof(float) % 64 == 0;
 }
 
 // Writes a tile's sums acc to output pixels [p0, p0 + P) x channels [o0, o0 + V * lanes), plus
-// the addend where there is one.
+// the addend where there is one; a last vector past o_end (a channel count that is no multiple of
+// the lanes) only up to it.
 template <int P, int V>
 inline void StoreTile(const RowJob& r, const vw (&acc)[P][V], int64_t p0, int64_t o0) {
   constexpr int L = sizeof(vw) / sizeof(float);
+  const int64_t last = r.o_end - o0 - (V - 1) * L;  // floats of the last vector to write
+  if (last < L) {
+    for (int p = 0; p < P; ++p) {
+      const int64_t at = (p0 + p) * r.out_step + o0;
+      for (int v = 0; v < V - 1; ++v)
+        Store(r.out + at + L * v, acc[p][v] + (r.add ? Load<vw>(r.add + at + L * v) : vw{}));
+      const int64_t end = at + L * (V - 1);
+      StorePart(r.out + end, acc[p][V - 1] + (r.add ? LoadPart(r.add + end, last) : vw{}), last);
+    }
+    return;
+  }
   for (int p = 0; p < P; ++p) {
     const int64_t at = (p0 + p) * r.out_step + o0;
     for (int v = 0; v < V; ++v) {
@@ -718,15 +758,17 @@ void GatherRowV(const RowJob& r) {
   GatherRowOf<V, 0, 1>(r);
 }
 
-// --- dot tiles: fewer output channels than a vector's lanes ---
+// --- dot tiles: at most half a vector's lanes of output channels ---
 //
 // LeNet-5's C3 (6 -> 16 channels) has an input gradient of 6 channels from an output gradient of
-// 16: too few outputs for a vector of output channels, so the gather above cannot take it, and
-// oneDNN's kernel ran it at 0.77 ms of the 4 ms step (batch 128, benchmarks/RESULTS.md). Here the
-// vectors run along the input channels instead: a tile of P pixels x O output channels holds one
-// vector of partial sums each, every tap adds its input vector times the output channel's weight
-// vector (the tap's weights as [co, ci], each output channel's row contiguous), and the lanes are
-// summed once, when the tile is stored. ci is a multiple of the lanes.
+// 16: too few outputs for a vector of output channels (the gather above would fill 6 of its 16
+// lanes), and oneDNN's kernel ran it at 0.77 ms of the 4 ms step (batch 128,
+// benchmarks/RESULTS.md). Here the vectors run along the input channels instead: a tile of P
+// pixels x O output channels holds one vector of partial sums each, every tap adds its input
+// vector times the output channel's weight vector (the tap's weights as [co, ci], each output
+// channel's row contiguous), and the lanes are summed once, when the tile is stored. ci is a
+// multiple of the lanes. With more than half a vector of outputs the gather wins (12 <- 16:
+// 0.64x oneDNN's speed in dot tiles, 1.11x-1.37x in the gather; benchmarks/RESULTS.md).
 
 // The sum of a vector's lanes, halving through narrower vectors (portable vector extensions only).
 inline float LaneSum(vw v) {
@@ -810,8 +852,9 @@ void DotRow(const RowJob& r) {
 }
 
 // Output channels [o_begin, o_end) of one row; zeros (or the addend) where no tap reaches it.
-// Where co is a multiple of lanes of vw, gather tiles: two vectors at a time where the range is a
-// multiple of two, else one. Else dot tiles (the whole row), whose taps' weights are [co, ci].
+// Gather tiles: four vectors at a time where the range is a multiple of four, two where it is more
+// than one (its last vector partial where co is no multiple of the lanes), else one. Or dot tiles
+// (the whole row).
 void GatherRow(const RowJob& r) {
   constexpr int L = sizeof(vw) / sizeof(float);
   if (r.ntaps == 0) {
@@ -820,20 +863,20 @@ void GatherRow(const RowJob& r) {
         r.out[p * r.out_step + o] = r.add ? r.add[p * r.out_step + o] : 0.f;
     return;
   }
-  if (r.co % L != 0) return DotRow(r);
+  if (r.dot) return DotRow(r);
   if ((r.o_end - r.o_begin) % (4 * L) == 0) return GatherRowOf<4, 0, 1>(r);
-  if ((r.o_end - r.o_begin) % (2 * L) == 0) return GatherRowV<2>(r);
+  if (r.o_end - r.o_begin > L) return GatherRowV<2>(r);
   GatherRowV<1>(r);
 }
 
-// A chunk's rows, in groups whose input rows take about kGroupBytes: within a group, where co is a
-// multiple of the lanes, one block of output channels (two vectors; four where rows are short)
-// runs over every row before the next, so that the block's packed weights ([ci, 2 * lanes] per
-// tap: 590 KB for 3x3 taps of 512 channels) stay in cache across the rows, while the group's
-// input stays there across the blocks. Row by row, every row streamed all the layer's weights
-// (9.4 MB at 512 -> 512); against that, groups ran 3x3 512 -> 512 at 7x7 and 4x4 pixels, batch 32,
-// and 256 -> 256 at 14x14, 2% to 15% faster (input gradients the most), 512 -> 512 at 28x28
-// within 4% either way (benchmarks/RESULTS.md).
+// A chunk's rows, in groups whose input rows take about kGroupBytes: within a group, for gather
+// tiles, one block of output channels (two vectors; four where rows are short) runs over every
+// row before the next, so that the block's packed weights ([ci, 2 * lanes] per tap: 590 KB for
+// 3x3 taps of 512 channels) stay in cache across the rows, while the group's input stays there
+// across the blocks. Row by row, every row streamed all the layer's weights (9.4 MB at 512 ->
+// 512); against that, groups ran 3x3 512 -> 512 at 7x7 and 4x4 pixels, batch 32, and 256 -> 256
+// at 14x14, 2% to 15% faster (input gradients the most), 512 -> 512 at 28x28 within 4% either
+// way (benchmarks/RESULTS.md).
 constexpr int64_t kGroupBytes = 512 << 10;
 
 void GatherRows(std::vector<RowJob>& rows) {
@@ -845,7 +888,7 @@ void GatherRows(std::vector<RowJob>& rows) {
   // oneDNN's speed forward (benchmarks/RESULTS.md).
   const bool wide =
       co % (4 * L) == 0 && rows[0].pixels <= kAccumulators / 4 && !OwnLoops(rows[0].ci);
-  const int64_t block = wide ? 4 * L : co % L == 0 ? 2 * L : co;
+  const int64_t block = rows[0].dot ? co : wide ? 4 * L : 2 * L;
   const int64_t row_bytes = rows[0].pixels * rows[0].in_step * static_cast<int64_t>(sizeof(float));
   const int64_t group = std::max<int64_t>(1, kGroupBytes / std::max<int64_t>(1, row_bytes) - 2);
   const int64_t count = rows.size();
@@ -971,12 +1014,12 @@ inline void TransposeBlock(const float* src, int64_t src_step, float* dst, int64
 
 // Weights packed per block of two vectors of output channels, for RowJob::w_block:
 // out[b, t, c, l] = the weight of tap t, input channel c and output channel o = b * 2 * lanes + l,
-// read from w[t * t_step + c * c_step + o * o_step], where o_step or c_step is 1; co a multiple of
-// the lanes (a last block of one vector fills half its panel: PackedFloats). Each block's weights
-// are then one contiguous panel: read in place, a tap's [ci, co] weights put each input channel's
-// vectors another co floats on, so that with 256 and more output channels (1 KB and more apart)
-// they fell into a few cache sets and were read from further away at every tile (3x3 512 -> 512
-// at 4x4, batch 32, forward 9.0-9.7 -> 6.7 ms, input gradient 11.7 -> 7.7 ms, RESULTS.md).
+// read from w[t * t_step + c * c_step + o * o_step], where o_step or c_step is 1; a last block of
+// fewer than two vectors is padded with zeros (PackedFloats). Each block's weights are then one
+// contiguous panel: read in place, a tap's [ci, co] weights put each input channel's vectors
+// another co floats on, so that with 256 and more output channels (1 KB and more apart) they fell
+// into a few cache sets and were read from further away at every tile (3x3 512 -> 512 at 4x4,
+// batch 32, forward 9.0-9.7 -> 6.7 ms, input gradient 11.7 -> 7.7 ms, RESULTS.md).
 int64_t PackedFloats(int64_t taps, int64_t ci, int64_t co) {
   constexpr int64_t B = 2 * sizeof(vw) / sizeof(float);
   return CeilDiv(co, B) * B * taps * ci;
@@ -1002,9 +1045,12 @@ void PackBlocks(ffi::ThreadPool& pool, const float* w, int64_t taps, int64_t ci,
       for (int64_t r = chunk * kRowsPerChunk; r < end; ++r) {
         const int64_t t = r / ci, c = r % ci;
         const float* src = w + t * t_step + c * c_step;
-        for (int64_t b = 0; b < blocks; ++b)
-          std::memcpy(out + ((b * taps + t) * ci + c) * B, src + b * B,
-                      std::min(B, co - b * B) * sizeof(float));
+        for (int64_t b = 0; b < blocks; ++b) {
+          float* dst = out + ((b * taps + t) * ci + c) * B;
+          const int64_t lanes = std::min(B, co - b * B);
+          std::memcpy(dst, src + b * B, lanes * sizeof(float));
+          std::fill(dst + lanes, dst + B, 0.f);
+        }
       }
     });
     return;
@@ -1014,13 +1060,16 @@ void PackBlocks(ffi::ThreadPool& pool, const float* w, int64_t taps, int64_t ci,
   const int64_t chunks = blocks * taps, whole = ci / L * L;
   ParallelFor(pool, threads(chunks), chunks, [&](int, int64_t chunk) {
     const int64_t b = chunk / taps, t = chunk % taps, lanes = std::min(B, co - b * B);
+    const int64_t full = lanes / L * L;  // output channels in whole vectors
     const float* src = w + t * t_step + b * B * o_step;
     float* dst = out + chunk * ci * B;
     for (int64_t c0 = 0; c0 < whole; c0 += L)
-      for (int64_t l0 = 0; l0 < lanes; l0 += L)
+      for (int64_t l0 = 0; l0 < full; l0 += L)
         TransposeBlock(src + l0 * o_step + c0, o_step, dst + c0 * B + l0, B);
-    for (int64_t c = whole; c < ci; ++c)
-      for (int64_t l = 0; l < lanes; ++l) dst[c * B + l] = src[l * o_step + c];
+    for (int64_t c = 0; c < ci; ++c) {
+      for (int64_t l = c < whole ? full : 0; l < lanes; ++l) dst[c * B + l] = src[l * o_step + c];
+      std::fill(dst + c * B + lanes, dst + (c + 1) * B, 0.f);
+    }
   });
 }
 
@@ -1043,10 +1092,10 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   if (!OptionalOperand(rest, y->element_count(), &add))
     return ffi::Error::InvalidArgument("cnnjax conv: the addend must match the output");
   if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4 || xd[0] != yd[0] || xd[3] != wd[2] ||
-      wd[3] != yd[3] || yd[3] % L != 0 || sh < 1 || sw < 1 || pt < 0 || pl < 0 || rest.size() > 1)
+      wd[3] != yd[3] || sh < 1 || sw < 1 || pt < 0 || pl < 0 || rest.size() > 1)
     return ffi::Error::InvalidArgument(
-        "cnnjax conv: expects x [N,H,W,Ci], w [kh,kw,Ci,Co], y [N,Ho,Wo,Co] with Co a multiple of "
-        "the vector width, strides >= 1, pads >= 0, at most an addend");
+        "cnnjax conv: expects x [N,H,W,Ci], w [kh,kw,Ci,Co], y [N,Ho,Wo,Co], strides >= 1, "
+        "pads >= 0, at most an addend");
   const int64_t n = xd[0], h = xd[1], wi = xd[2], ci = xd[3], kh = wd[0], kw = wd[1], co = wd[3];
   const int64_t ho = yd[1], wo = yd[2];
   const int64_t right = std::max<int64_t>(0, (wo - 1) * sw + kw - pl - wi);
@@ -1057,7 +1106,7 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   PaddedRows padded(threads, h, wi, ci, pl, right, (bands.band - 1) * sh + kh);
   const float *xs = x.typed_data(), *ws = w.typed_data();
   float* ys = y->typed_data();
-  const bool stream = Streams(ys, y->element_count());
+  const bool stream = Streams(ys, y->element_count(), co);
   // The weights packed per block of two vectors of output channels (PackBlocks).
   const Aligned pack(PackedFloats(kh * kw, ci, co));
   PackBlocks(pool, ws, kh * kw, ci, co, ci * co, co, 1, pack.data);
@@ -1083,7 +1132,7 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
       const int64_t at = ((image * ho + oh) * wo) * co;
       rows.push_back({base, ys + at, add ? add + at : nullptr, taps[oh].data(),
                       static_cast<int64_t>(taps[oh].size()), ci, co, sw * ci, co, wo, 0, 0,
-                      w_block, shift, stream});
+                      w_block, shift, stream, false});
     }
     GatherRows(rows);
     if (stream) StreamFence();
@@ -1103,18 +1152,18 @@ ffi::Error ConvInputGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
   if (!OptionalOperand(rest, dx->element_count(), &add))
     return ffi::Error::InvalidArgument("cnnjax conv input gradient: the addend must match dx");
   if (gd.size() != 4 || wd.size() != 4 || xd.size() != 4 || gd[0] != xd[0] || xd[3] != wd[2] ||
-      wd[3] != gd[3] || (xd[3] % L != 0 && wd[3] % L != 0) || sh < 1 || sw < 1 || pt < 0 ||
-      pl < 0 || rest.size() > 1)
+      wd[3] != gd[3] || sh < 1 || sw < 1 || pt < 0 || pl < 0 || rest.size() > 1)
     return ffi::Error::InvalidArgument(
-        "cnnjax conv input gradient: expects g [N,Ho,Wo,Co], w [kh,kw,Ci,Co], dx [N,H,W,Ci] with "
-        "Ci or Co a multiple of the vector width, strides >= 1, pads >= 0, at most an addend");
+        "cnnjax conv input gradient: expects g [N,Ho,Wo,Co], w [kh,kw,Ci,Co], dx [N,H,W,Ci], "
+        "strides >= 1, pads >= 0, at most an addend");
   const int64_t n = xd[0], h = xd[1], wi = xd[2], ci = xd[3], kh = wd[0], kw = wd[1], co = wd[3];
   const int64_t ho = gd[1], wo = gd[2];
   // The gather's weights are the kernel's transpose [kh, kw, co, ci], packed per block of two
-  // vectors of ci (PackBlocks). Dot tiles (ci not a multiple of the lanes) read the kernel as it
-  // is: [ci, co] per tap is their [outputs, inputs].
+  // vectors of ci (PackBlocks). Dot tiles (at most half a vector of x channels, from a multiple of
+  // the lanes of g's: LeNet-5's C3) read the kernel as it is: [ci, co] per tap is their [outputs,
+  // inputs].
   const float* ws = w.typed_data();
-  const bool packed = ci % L == 0;
+  const bool dot = 2 * ci <= L && co % L == 0, packed = !dot;
   const Aligned wt_buffer(packed ? PackedFloats(kh * kw, co, ci) : 0);
   if (packed) PackBlocks(pool, ws, kh * kw, co, ci, ci * co, 1, co, wt_buffer.data);
   const float* wt = packed ? wt_buffer.data : ws;
@@ -1138,7 +1187,7 @@ ffi::Error ConvInputGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
   PaddedRows padded(threads, ho, wo, co, left, right, (bands.band + kh - 2 + sh) / sh + 1);
   const float* gs = g.typed_data();
   float* out = dx->typed_data();
-  const bool stream = packed && Streams(out, dx->element_count());
+  const bool stream = packed && Streams(out, dx->element_count(), ci);
   // The taps of each input row's column phase b (the same in every image): g's pixels left to
   // right.
   const int64_t phases = std::min(sw, wi);
@@ -1170,7 +1219,7 @@ ffi::Error ConvInputGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
         const int64_t at = ((image * h + ih) * wi + b) * ci;
         rows.push_back({base, out + at, add ? add + at : nullptr, row.data(),
                         static_cast<int64_t>(row.size()), co, ci, co, sw * ci,
-                        (wi - 1 - b) / sw + 1, 0, 0, w_block, shift, stream});
+                        (wi - 1 - b) / sw + 1, 0, 0, w_block, shift, stream, dot});
       }
     GatherRows(rows);
     if (stream) StreamFence();

@@ -145,18 +145,26 @@ def weight_gradient(x: Array, g: Array, kernel: Sequence[int], strides: Sequence
 
 # Which layers `conv` and `input_gradient` take (benchmarks/RESULTS.md, 2-core CPU, against jaxlib's
 # oneDNN call, each alone): with the weights packed per block of output channels (cpu_kernels.cc,
-# PackBlocks) the loops run layers of WIDE_MIN_CHANNELS input channels or more to any multiple of
+# PackBlocks) the loops run layers of WIDE_MIN_CHANNELS input channels or more to multiples of
 # the vector width of outputs at oneDNN's speed, 3x3 and 5x5, stride 1 and 2, 4x4 to 224x224
 # pixels (benchmarks/cpu-gather-vs-onednn-2026-12-07-bands.json, nineteen layers): forward
 # 0.90x-1.17x its speed, input gradients 0.96x-1.67x (stride 2 1.2x-1.7x). Inside a train step
 # the kernel gains more (cnnjax/cpu_conv.py: oneDNN's calls lose to their thread pool on two
 # cores). An input gradient to one vector of x's channels from a wide output gradient (16 <- 128:
 # 0.72x-0.88x) keeps oneDNN's call unless g has at most ONE_VECTOR_MAX_OUTPUTS vectors (16 <- 48:
-# 0.80x-1.10x) or GATHER_CHANNELS (kernel rows then read in triples). Between one and two vectors
-# of x's channels that are no multiple of the lanes (GoogLeNet's 5x5 24 <- 64) run in dot tiles,
-# 0.50x-0.91x oneDNN's speed (benchmarks/cpu-gather-vs-onednn-2026-12-08-googlenet.json): a few
-# milliseconds of a GoogLeNet step (0.99x-1.05x the speed of googlenet@64's whole step), for a
-# program that holds no oneDNN call.
+# 0.80x-1.10x) or GATHER_CHANNELS (kernel rows then read in triples).
+# Channel counts that are no multiple of the vector width write a tile's last vector only up to
+# the last channel (masked stores, cpu_kernels.cc: StorePart), its packed weights padded with
+# zeros; per layer against oneDNN, two to four runs each (the last in
+# benchmarks/cpu-gather-vs-onednn-2026-12-08-partial.json): DenseNet-BC's 3x3 48 -> 12 growth
+# layer at 32, 16 and 8 px, batch 64, forward 0.77x-1.29x, its input gradient (from 12 channels of
+# g, WIDE_GRADIENT_MIN_CHANNELS) 0.93x-1.46x; its RGB stem 3 -> 24 1.03x-1.26x; EfficientNet-B3's
+# stride-2 stem 3 -> 40 at 300 px 1.00x-1.19x, B6's 3 -> 56 at 528 px 0.74x-0.90x (62 MB of
+# pixels that are no whole cache lines: not streamed); ablation_inception's 5x5 4 -> 8 forward
+# 0.99x-1.14x, back 0.82x-0.92x, 8 -> 24 1.20x-1.41x, back 0.99x-1.01x; GoogLeNet's 5x5 24 <- 64
+# input gradient 1.04x-1.13x (0.50x-0.91x in the dot tiles it took before); 12 <- 16 1.11x-1.37x.
+# The input gradient keeps dot tiles only for x channels of at most half a vector (12 <- 16 ran
+# in them at 0.64x).
 # An RGB first layer (3 channels) takes the kernel at any size, though with 27 multiply-adds per
 # output a 3x3 one is bound by its stores: where the output is larger than the cache (32 MB) they
 # stream past it (cpu_kernels.cc, StreamStore), without which 3 -> 64 at 224 px, batch 8 or 16,
@@ -170,9 +178,10 @@ def weight_gradient(x: Array, g: Array, kernel: Sequence[int], strides: Sequence
 # most two vectors of outputs, at most NARROW_MAX_OUTPUT_BYTES out (oneDNN's kernel was faster at
 # 4 and 6 channels to 64).
 # Programs whose every convolution the kernels take hold no oneDNN call and enter the persistent
-# compilation cache.
+# compilation cache: every registered model's train step (lowered at 32 or 64 px, batch 2).
 GATHER_CHANNELS = (16, 32, 64)
 WIDE_MIN_CHANNELS = 16
+WIDE_GRADIENT_MIN_CHANNELS = 12
 NARROW_MAX_OUTPUT_BYTES = 32 << 20
 NARROW_CHANNELS = 8
 ONE_VECTOR_MAX_OUTPUTS = 3
@@ -180,11 +189,10 @@ ONE_VECTOR_MAX_OUTPUTS = 3
 
 def conv_fits(c_in: int, c_out: int, outputs: int) -> bool:
     """Whether `conv` runs a layer of c_in -> c_out channels writing `outputs` floats in its own
-    loops (above), any kernel size: at least WIDE_MIN_CHANNELS in, or 3 (RGB), or at most
-    NARROW_CHANNELS in to at most two vectors with at most NARROW_MAX_OUTPUT_BYTES out; always a
-    multiple of the vector width out. `available()` first."""
-    return (c_in >= WIDE_MIN_CHANNELS or c_in == 3 or _small_input_fits(c_in, c_out, outputs)
-            ) and c_out % vector_floats() == 0
+    loops (above), any kernel size and any count of output channels: at least WIDE_MIN_CHANNELS
+    in, or 3 (RGB), or at most NARROW_CHANNELS in to at most two vectors with at most
+    NARROW_MAX_OUTPUT_BYTES out. `available()` first."""
+    return c_in >= WIDE_MIN_CHANNELS or c_in == 3 or _small_input_fits(c_in, c_out, outputs)
 
 
 def _small_input_fits(c_in: int, c_out: int, outputs: int) -> bool:
@@ -197,19 +205,16 @@ def _small_input_fits(c_in: int, c_out: int, outputs: int) -> bool:
 def input_gradient_fits(c_in: int, c_out: int, size: int) -> bool:
     """Whether `input_gradient` runs the input gradient of a layer of c_in -> c_out channels whose
     input holds `size` floats in its own loops (above; the gather then reads g's c_out channels and
-    writes x's c_in): at least WIDE_MIN_CHANNELS of g to a multiple of the vector width of x, more
-    than one vector (or one, from at most ONE_VECTOR_MAX_OUTPUTS vectors of g); or GATHER_CHANNELS
-    of g, or few (`conv_fits`'s small-input rule, swapped), to a multiple of the vector width of x;
-    or in its dot tiles, from a multiple of the vector width of g, for at most NARROW_CHANNELS of x
-    (LeNet-5's C3: 6) or, from WIDE_MIN_CHANNELS of g, between one and two vectors of x that are
-    no multiple of the lanes (GoogLeNet's 24). `available()` first."""
+    writes x's c_in, any count of them): at least WIDE_GRADIENT_MIN_CHANNELS of g to more than one
+    vector of x (or to at most one, from at most ONE_VECTOR_MAX_OUTPUTS vectors of g); or
+    GATHER_CHANNELS of g, or few (`conv_fits`'s small-input rule, swapped); or at most
+    NARROW_CHANNELS of x (LeNet-5's C3: 6) from a multiple of the vector width of g.
+    `available()` first."""
     lanes = vector_floats()
-    wide = (c_out >= WIDE_MIN_CHANNELS and c_in % lanes == 0
+    wide = (c_out >= WIDE_GRADIENT_MIN_CHANNELS
             and (c_in > lanes or c_out <= ONE_VECTOR_MAX_OUTPUTS * lanes))
-    gather = ((c_out in GATHER_CHANNELS or _small_input_fits(c_out, c_in, size))
-              and c_in % lanes == 0)
-    between = c_out >= WIDE_MIN_CHANNELS and lanes < c_in < 2 * lanes
-    dot = c_in % lanes != 0 and c_out % lanes == 0 and (c_in <= NARROW_CHANNELS or between)
+    gather = c_out in GATHER_CHANNELS or _small_input_fits(c_out, c_in, size)
+    dot = c_in <= NARROW_CHANNELS and c_out % lanes == 0
     return wide or gather or dot
 
 
@@ -231,7 +236,7 @@ def conv(x: Array, w: Array, strides: Sequence[int], padding: Sequence[tuple[int
          addend: Array | None = None) -> Array:
     """The NHWC convolution of float32 x with w [kh, kw, C_in, C_out] (one group, no dilation),
     explicit non-negative `padding`, plus `addend` (the output's shape) where given, added as each
-    output is written; C_out a multiple of `vector_floats()`. CPU only; `available()` first."""
+    output is written. CPU only; `available()` first."""
     _register()
     shape = conv_output_shape(x.shape, w.shape, strides, padding)
     call = jax.ffi.ffi_call(CONV, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method=VMAP_METHOD)
@@ -241,9 +246,9 @@ def conv(x: Array, w: Array, strides: Sequence[int], padding: Sequence[tuple[int
 def input_gradient(g: Array, w: Array, x_shape: Sequence[int], strides: Sequence[int],
                    padding: Sequence[tuple[int, int]], addend: Array | None = None) -> Array:
     """dL/dx (x_shape) of `conv(x, w, strides, padding)` from its output gradient g, plus `addend`
-    (x's shape) where given, in the same loop; x's channels, or else g's, a multiple of
-    `vector_floats()` (`input_gradient_fits`). One call at any stride: each input pixel sums only
-    the taps that reach it. CPU only; `available()` first."""
+    (x's shape) where given, in the same loop (`input_gradient_fits` says where it is fast). One
+    call at any stride: each input pixel sums only the taps that reach it. CPU only; `available()`
+    first."""
     _register()
     call = jax.ffi.ffi_call(INPUT_GRADIENT, jax.ShapeDtypeStruct(tuple(x_shape), jnp.float32),
                             vmap_method=VMAP_METHOD)
@@ -312,10 +317,12 @@ def _check_conv(rng: np.random.Generator) -> None:
     """conv and input_gradient, each with an addend, against XLA's convolution and its gradient:
     the loops for 16 input channels at strides 1 (kernel rows in triples) and 2, for 3 (an RGB
     layer: forward, and the input gradient's dot tiles), and the generic loop (5 input channels,
-    a 3x2 kernel, strides (1, 2); dot tiles for its input gradient), all with asymmetric padding;
-    raises RuntimeError if they differ."""
+    a 3x2 kernel, strides (1, 2); dot tiles for its input gradient; 12 to a vector and 4 more,
+    both passes' last vector partial), all with asymmetric padding; raises RuntimeError if they
+    differ."""
     lanes = vector_floats()
     cases = [((2, 6, 7, 16), (3, 3, 16, lanes), (1, 1), ((1, 0), (1, 2))),
+             ((2, 6, 5, 12), (3, 3, 12, lanes + 4), (1, 1), ((1, 1), (1, 0))),
              ((2, 5, 6, 3), (3, 3, 3, lanes), (1, 1), ((1, 1), (0, 1))),
              ((2, 7, 6, 16), (3, 3, 16, 2 * lanes), (2, 2), ((1, 1), (0, 1))),
              ((2, 5, 7, 5), (3, 2, 5, lanes), (1, 2), ((2, 1), (1, 0)))]

@@ -145,13 +145,19 @@ def test_norm_act_matches_autodiff_of_its_formula(shape, relu, has_residual):
 # in triples; the generic loop (5, 6 and 48 input channels, a 5x5 kernel, a 3x2 one); asymmetric
 # padding, a pad wider than the kernel's reach on one side, and none at all (read in place); one
 # image (chunks of rows) and a 1x1 kernel. The input gradient of every case too: where x's channels
-# are fewer than a vector (3, 5, 6 and 12 with AVX-512) in dot tiles, LeNet-5's C3 (6 <- 16) among
-# them, 12 in two blocks of outputs (8 and 4), 6 <- 32 at stride 2 with two vectors a tap; a 7x7
-# RGB stem at stride 2 (its loop compiled for 3 channels two pixels apart) and 80 -> 32 (a wide
-# input to two vectors of outputs, in the generic loop). Weights packed per block of two vectors:
-# 64 -> 48 and 80 -> 64 at 4x4 (tiles of four vectors where a row is short, forward and back; a
-# block of one vector at the end, forward and back); 200 px rows of 64 channels (more rows than
-# one group of rows holds).
+# are at most half a vector (3, 5 and 6 with AVX-512) from whole vectors of g's in dot tiles,
+# LeNet-5's C3 (6 <- 16) among them, 6 <- 32 at stride 2 with two vectors a tap; a 7x7 RGB stem
+# at stride 2 (its loop compiled for 3 channels two pixels apart) and 80 -> 32 (a wide input to
+# two vectors of outputs, in the generic loop). Weights packed per block of two vectors: 64 -> 48
+# and 80 -> 64 at 4x4 (tiles of four vectors where a row is short, forward and back; a block of
+# one vector at the end, forward and back); 200 px rows of 64 channels (more rows than one group
+# of rows holds). Channel counts that are no multiple of the vector (the last vector of a tile
+# written only up to the last channel, its weights padded with zeros): x's 12 from g's 16 (no
+# longer dot tiles: more than half a vector), DenseNet-BC's growth layer 48 -> 12 (both passes
+# one partial vector), EfficientNet-B3's stride-2 stem 3 -> 40 (two vectors and a half-filled
+# one; back, 3 <- 40 from g's partial vectors), 8 -> 24 (a block of one and a half vectors,
+# back: 8 <- 24), GoogLeNet's 5x5 24 <- 64, and 17 -> 56 with an addend (3.5 vectors forward,
+# 17 <- 56 back).
 GATHER_CASES = [
     ((2, 7, 6, 16), (3, 3, 16, 16), (1, 1), ((1, 0), (1, 2))),
     ((3, 6, 9, 32), (3, 3, 32, 48), (1, 1), ((1, 1), (1, 1))),
@@ -171,6 +177,11 @@ GATHER_CASES = [
     ((2, 4, 4, 64), (3, 3, 64, 48), (1, 1), ((1, 1), (1, 1))),
     ((2, 4, 5, 80), (3, 3, 80, 64), (1, 1), ((1, 1), (0, 1))),
     ((1, 12, 200, 64), (3, 3, 64, 32), (1, 1), ((1, 1), (1, 1))),
+    ((2, 8, 8, 48), (3, 3, 48, 12), (1, 1), ((1, 1), (1, 1))),
+    ((2, 9, 10, 3), (3, 3, 3, 40), (2, 2), ((1, 1), (0, 1))),
+    ((2, 7, 7, 8), (5, 5, 8, 24), (1, 1), ((2, 2), (2, 2))),
+    ((2, 6, 7, 24), (5, 5, 24, 64), (1, 1), ((2, 2), (2, 1))),
+    ((1, 5, 12, 17), (3, 3, 17, 56), (1, 1), ((1, 1), (1, 1))),
 ]
 
 
@@ -182,8 +193,6 @@ def test_gather_convolution_and_input_gradient_match_xla(x_shape, w_shape, strid
     y, vjp = jax.vjp(lambda x: _xla(x, w, strides, padding), x)
     g, a = (rng.standard_normal(y.shape, np.float32) for _ in range(2))
     b = rng.standard_normal(x_shape, np.float32)
-    lanes = cpu_kernels.vector_floats()
-    assert w_shape[3] % lanes == 0  # what both passes take (the input gradient: x's or g's)
 
     def ours(x, w, g, a, b):
         return [cpu_kernels.conv(x, w, strides, padding),
@@ -237,17 +246,16 @@ def test_every_kernel_runs_under_vmap_once_per_member():
 
 @needs_native
 def test_gather_kernel_names_a_shape_it_cannot_take():
-    lanes = cpu_kernels.vector_floats()
-    x, w = jnp.ones((1, 4, 4, 16)), jnp.ones((3, 3, 16, lanes + 4))
-    with pytest.raises(Exception, match="Co a multiple of the vector width"):
+    x, w = jnp.ones((1, 4, 4, 16)), jnp.ones((3, 3, 8, 20))  # w's 8 input channels, x's 16
+    with pytest.raises(Exception, match=r"expects x \[N,H,W,Ci\], w \[kh,kw,Ci,Co\]"):
         jax.jit(lambda x, w: cpu_kernels.conv(x, w, (1, 1), ((1, 1), (1, 1))))(x, w)
     with pytest.raises(Exception, match="the addend must match the output"):
         jax.jit(lambda x, w, a: cpu_kernels.conv(x, w, (1, 1), ((1, 1), (1, 1)), a))(
-            x, jnp.ones((3, 3, 16, lanes)), jnp.ones((1, 4, 4, lanes // 2)))
-    g = jnp.ones((1, 4, 4, lanes + 4))  # neither x's channels nor g's a multiple of the lanes
-    with pytest.raises(Exception, match="Ci or Co a multiple of the vector width"):
-        jax.jit(lambda g, w: cpu_kernels.input_gradient(g, w, (1, 4, 4, lanes + 4), (1, 1), (
-            (1, 1), (1, 1))))(g, jnp.ones((3, 3, lanes + 4, lanes + 4)))
+            x, jnp.ones((3, 3, 16, 20)), jnp.ones((1, 4, 4, 10)))
+    g = jnp.ones((1, 4, 4, 12))  # w's 20 output channels
+    with pytest.raises(Exception, match=r"expects g \[N,Ho,Wo,Co\], w \[kh,kw,Ci,Co\]"):
+        jax.jit(lambda g, w: cpu_kernels.input_gradient(g, w, (1, 4, 4, 16), (1, 1), (
+            (1, 1), (1, 1))))(g, jnp.ones((3, 3, 16, 20)))
 
 
 def _calls(hlo, *targets):
@@ -260,11 +268,13 @@ def _calls(hlo, *targets):
 # them up to more than one vector of x's channels, or to one from at most three vectors or from
 # GATHER_CHANNELS: 16 -> 48 both, 16 -> 128 the forward pass only (x's one vector from a wide g);
 # 48 -> 16, a DenseNet growth layer (128 -> 32), 256 -> 256 at 4x4 and 96 -> 128 at stride 2 both;
-# 24 -> 64 both (x's 24 channels, no multiple of the lanes, in dot tiles). At most 8 input channels
+# 24 -> 64 both (x's 24 channels, no multiple of the lanes). At most 8 input channels
 # (NARROW_CHANNELS) both where the output is at most two vectors (8 -> 16: the generic loop
-# forward, dot tiles back), the input gradient only where it is more (6 -> 64: oneDNN's forward
-# pass was faster); 12 -> 16 neither (12 channels are too few for the wide rule and too many for
-# dot tiles).
+# forward, dot tiles back; ablation_inception's 8 -> 24), the input gradient only where it is
+# more (6 -> 64: oneDNN's forward pass was faster); 12 -> 16 the input gradient only (12
+# channels too few for the forward pass's wide rule); DenseNet-BC's growth layer 48 -> 12 and
+# 128 -> 12 both (the input gradient from WIDE_GRADIENT_MIN_CHANNELS of g); 64 -> 2 the forward
+# pass only (two channels of g are too few).
 GATHER_FORM_CASES = [((2, 9, 9, 16), (3, 3, 16, 32), (1, 1), (1, 1)),
                      ((2, 9, 9, 16), (3, 3, 16, 32), (2, 2), (1, 1)),
                      ((2, 8, 8, 16), (3, 3, 16, 48), (1, 1), (1, 1)),
@@ -276,7 +286,11 @@ GATHER_FORM_CASES = [((2, 9, 9, 16), (3, 3, 16, 32), (1, 1), (1, 1)),
                      ((2, 8, 8, 24), (3, 3, 24, 64), (1, 1), (1, 1)),
                      ((2, 8, 8, 8), (3, 3, 8, 16), (1, 1), (1, 1)),
                      ((2, 8, 8, 6), (3, 3, 6, 64), (1, 1), (0, 1)),
-                     ((2, 8, 8, 12), (3, 3, 12, 16), (1, 1), (0, 0))]
+                     ((2, 8, 8, 12), (3, 3, 12, 16), (1, 1), (0, 1)),
+                     ((2, 8, 8, 8), (5, 5, 8, 24), (1, 1), (1, 1)),
+                     ((2, 8, 8, 48), (3, 3, 48, 12), (1, 1), (1, 1)),
+                     ((2, 6, 6, 128), (3, 3, 128, 12), (1, 1), (1, 1)),
+                     ((2, 8, 8, 64), (3, 3, 64, 2), (1, 1), (1, 0))]
 
 
 @needs_native
@@ -312,8 +326,12 @@ def test_generic_layers_take_the_gather_kernel_where_their_channels_fit(
         assert onednn_calls == 0
     else:  # the rest oneDNN's: its input gradient at stride 2 one call per phase (4 for 3x3)
         assert onednn_calls == (1 - calls[0]) + (1 - calls[1]) * (1 if strides == (1, 1) else 4)
-    # Where the kernel takes every pass, nothing is stored for the backward pass.
-    assert (" conditional(" in hlo) == (onednn_setting == "off" and calls != (1, 1))
+    # Where every pass is a custom call, nothing is stored for the backward pass; a filter count
+    # that is no multiple of 8 (on more than 8 channels) keeps XLA's weight gradient, and so the
+    # store.
+    native_weight_gradient = w_shape[3] % 8 == 0 or x_shape[3] <= cpu_kernels.NARROW_CHANNELS
+    in_place = native_weight_gradient and (onednn_setting == "on" or calls == (1, 1))
+    assert (" conditional(" in hlo) == (not in_place)
     # GPUs and TPUs never see the calls (`lax.platform_dependent`).
     module = export.export(grad, platforms=["cuda"])(x, w).mlir_module()
     assert cpu_kernels.CONV not in module and cpu_kernels.INPUT_GRADIENT not in module
@@ -335,9 +353,10 @@ def test_rgb_first_layers_take_the_gather_kernel_at_any_size_and_narrow_ones_whi
     lanes = cpu_kernels.vector_floats()
     fn = jax.jit(lambda x, w: cpu_conv.conv_general_dilated(x, w, (1, 1), "SAME",
                                                             dimension_numbers=cpu_conv._NHWC))
-    # With AVX-512's 16 lanes: 3x3 to 4 vectors 32 and 512 MiB out; 4 -> 2 vectors 16 and 256 MiB.
+    # With AVX-512's 16 lanes: 3x3 to 4 vectors 32 and 512 MiB out; 4 -> 2 vectors 16 and 256 MiB;
+    # EfficientNet-B6's stem width, 56 (no multiple of the lanes), 448 MiB.
     for batch, c_in, kernel, outputs, gather in (
-            (128, 3, 3, 4 * lanes, True), (2048, 3, 3, 4 * lanes, True),
+            (128, 3, 3, 4 * lanes, True), (2048, 3, 3, 4 * lanes, True), (2048, 3, 3, 56, True),
             (2048, 3, 5, 4 * lanes, True), (128, 4, 3, 2 * lanes, True),
             (2048, 4, 3, 2 * lanes, False)):
         x = jax.ShapeDtypeStruct((batch, 32, 32, c_in), jnp.float32)
@@ -351,14 +370,16 @@ def test_rgb_first_layers_take_the_gather_kernel_at_any_size_and_narrow_ones_whi
 @needs_native
 def test_outputs_larger_than_the_cache_are_stored_past_it_and_agree():
     # Beyond 32 MB the gather tiles stream their stores (StreamStore): an RGB layer's 67 MB output
-    # with an addend, and a 34 MB input gradient.
+    # with an addend, and a 34 MB input gradient; not where pixels are no whole cache lines (40
+    # channels, 42 MB: a streamed store needs one).
     rng = np.random.default_rng(2)
     x = rng.standard_normal((16, 128, 128, 3), np.float32)
-    w = rng.standard_normal((3, 3, 3, 64), np.float32)
     padding = ((1, 1), (1, 1))
-    a = rng.standard_normal((16, 128, 128, 64), np.float32)
-    got = jax.jit(lambda x, w, a: cpu_kernels.conv(x, w, (1, 1), padding, a))(x, w, a)
-    chex.assert_trees_all_close(got, _xla(x, w, (1, 1), padding) + a, atol=1e-4, rtol=1e-4)
+    for c_out in (64, 40):
+        w = rng.standard_normal((3, 3, 3, c_out), np.float32)
+        a = rng.standard_normal((16, 128, 128, c_out), np.float32)
+        got = jax.jit(lambda x, w, a: cpu_kernels.conv(x, w, (1, 1), padding, a))(x, w, a)
+        chex.assert_trees_all_close(got, _xla(x, w, (1, 1), padding) + a, atol=1e-4, rtol=1e-4)
     x = rng.standard_normal((16, 128, 128, 32), np.float32)
     w = rng.standard_normal((3, 3, 32, 32), np.float32) / 17
     y, vjp = jax.vjp(lambda x: _xla(x, w, (1, 1), padding), x)

@@ -21,6 +21,13 @@ from cnnjax import cpu_conv, cpu_kernels, layers, onednn
 
 needs_onednn = pytest.mark.skipif(not onednn.available(),
                                   reason="this jaxlib's CPU backend runs no oneDNN convolution")
+# A layer whose passes oneDNN's call runs, not cnnjax's gather kernel: 12 input channels are too
+# few for its forward pass, and 80 of the output gradient to one vector of x's channels too many
+# for its input gradient (with AVX-512's 16 lanes; with AVX's 8, 12 channels are more than one).
+ONEDNN_IN, ONEDNN_OUT = 12, 80
+needs_onednn_layer = pytest.mark.skipif(
+    not onednn.available() or (cpu_kernels.available() and cpu_kernels.vector_floats() != 16),
+    reason="needs oneDNN's call, and the gather kernel's rules as AVX-512 has them")
 
 
 def _xla(x, w, strides, padding):
@@ -116,12 +123,11 @@ def _block_input_grad(conv_and_input):
     return jax.grad(loss, (0, 1))
 
 
-@needs_onednn
+@needs_onednn_layer
 def test_conv_passing_input_adds_the_shortcut_gradient_in_onednns_call(monkeypatch):
-    # 12 channels: oneDNN's call, not the gather kernel's, with AVX-512's 16 lanes or AVX's 8 (16
-    # filters: the native weight gradient).
-    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 12))
-    w = jax.random.normal(jax.random.key(1), (3, 3, 12, 16))
+    # oneDNN's call, not the gather kernel's (80 filters: the native weight gradient).
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, ONEDNN_IN))
+    w = jax.random.normal(jax.random.key(1), (3, 3, ONEDNN_IN, ONEDNN_OUT))
     padding = ((1, 1), (1, 1))
     ours = jax.jit(_block_input_grad(lambda x, w: cpu_conv.conv_passing_input(
         x, w, (1, 1), padding, dimension_numbers=cpu_conv._NHWC)))
@@ -156,13 +162,14 @@ class _Head(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        y, shortcut = layers.conv_and_input(self.conv(16, (3, 3), padding=1, dtype=self.dtype), x)
+        y, shortcut = layers.conv_and_input(
+            self.conv(ONEDNN_OUT, (3, 3), padding=1, dtype=self.dtype), x)
         return y, shortcut
 
 
-@needs_onednn
+@needs_onednn_layer
 def test_conv_and_input_passes_the_input_through_cnnjaxs_conv_only():
-    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 12))  # 12 channels: oneDNN's call
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, ONEDNN_IN))  # oneDNN's call
     variables = _Head(nn.Conv).init(jax.random.key(1), x)
 
     def grad(head):
@@ -196,15 +203,14 @@ def _ours(strides, padding):
                                                       dimension_numbers=cpu_conv._NHWC)
 
 
-@needs_onednn
+@needs_onednn_layer
 @pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
 def test_generic_layers_run_as_onednn(strides, monkeypatch):
-    # 12 input channels, 3x3: no other CPU form applies, and the gather kernel has no loop for 12
-    # channels (nor dot tiles for 12 outputs). The forward pass and the input gradient are
-    # oneDNN's; the weight gradient is cnnjax's native kernel (tests/test_cpu_kernels.py), or XLA's
-    # with that kernel off.
-    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 12))
-    w = jax.random.normal(jax.random.key(1), (3, 3, 12, 16))
+    # 12 -> 80 channels, 3x3: no other CPU form applies, and the gather kernel's rules take neither
+    # pass (ONEDNN_IN above). The forward pass and the input gradient are oneDNN's; the weight
+    # gradient is cnnjax's native kernel (tests/test_cpu_kernels.py), or XLA's with that kernel off.
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, ONEDNN_IN))
+    w = jax.random.normal(jax.random.key(1), (3, 3, ONEDNN_IN, ONEDNN_OUT))
     ours = _ours(strides, "SAME")
 
     def loss(conv):  # a nonlinear loss, so the cotangent differs at every position
@@ -270,9 +276,9 @@ def test_narrow_layers_run_as_onednn_beside_it(monkeypatch):
         assert counts == ([0, 1, 1] if gather else [2, 0, 0]), (native, counts)
 
 
-@needs_onednn
+@needs_onednn_layer
 def test_onednn_form_is_cpu_only():
-    x, w = jnp.ones((2, 6, 6, 8)), jnp.ones((3, 3, 8, 4))
+    x, w = jnp.ones((2, 6, 6, ONEDNN_IN)), jnp.ones((3, 3, ONEDNN_IN, ONEDNN_OUT))
     fn = jax.jit(_ours((1, 1), "SAME"))
     # jax.export refuses a custom call with no compatibility guarantee unless told otherwise.
     allowed = [export.DisabledSafetyCheck.custom_call(onednn.TARGET)]
