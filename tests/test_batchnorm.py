@@ -205,3 +205,26 @@ def test_resnet_blocks_call_the_native_op():
         hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).compile().as_text()
     for target in (cpu_kernels.NORM_ACT, cpu_kernels.NORM_ACT_BACKWARD):
         assert hlo.count(f'custom_call_target="{target}"') == 3
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="cnnjax's CPU kernels did not build here")
+def test_densenet_norms_take_their_relu_into_the_native_op():
+    # Two one-layer blocks: each layer's bn1 and bn2, the transition's and the final BN, each with
+    # its ReLU inside one call forward and one backward (a ReLU of its own cost DenseNet-BC-100 a
+    # pass over every layer's input: benchmarks/RESULTS.md, session 21).
+    from cnnjax.models import densenet
+
+    model = densenet.DenseNet(block_config=(1, 1), growth_rate=4, stem="cifar", num_classes=3)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    variables = model.init(jax.random.key(1), x)
+
+    def loss(params):
+        logits, _ = model.apply({**variables, "params": params}, x, train=True,
+                                mutable=["batch_stats"])
+        return jnp.sum(logits)
+
+    with batchnorm.blocked_sums():
+        hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).compile().as_text()
+    for target in (cpu_kernels.NORM_ACT, cpu_kernels.NORM_ACT_BACKWARD):
+        calls = [line for line in hlo.splitlines() if f'custom_call_target="{target}"' in line]
+        assert len(calls) == 6 and all("relu = true" in line for line in calls), calls

@@ -21,6 +21,7 @@ from cnnjax.layers import (
     global_avg_pool,
     initializer,
     max_pool,
+    norm_act,
 )
 
 Array = jax.Array
@@ -91,9 +92,9 @@ class DenseLayer(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         y = self.conv(self.bn_size * self.growth_rate, (1, 1), padding="VALID", name="conv1")(
-            self.act(self.norm(name="bn1")(x)))
+            norm_act(self.norm(name="bn1"), x, self.act))
         y = self.conv(self.growth_rate, (3, 3), padding=1, name="conv2")(
-            self.act(self.norm(name="bn2")(y)))
+            norm_act(self.norm(name="bn2"), y, self.act))
         # torchvision drops the new features only, after conv2.
         y = nn.Dropout(self.drop_rate, deterministic=not train)(y)
         return _concat(x, y.astype(x.dtype), self.keep_gradient)
@@ -110,7 +111,7 @@ class Transition(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         x = self.conv(self.features, (1, 1), padding="VALID", name="conv")(
-            self.act(self.norm(name="bn")(x)))
+            norm_act(self.norm(name="bn"), x, self.act))
         return avg_pool(x, 2)
 
 
@@ -167,7 +168,7 @@ class DenseNet(nn.Module):
         if self.stem == "cifar":
             return conv(features, (3, 3), padding=1, name="stem_conv")(x)
         x = conv(features, (7, 7), strides=(2, 2), padding=3, name="stem_conv")(x)
-        x = act(norm(name="stem_bn")(x))
+        x = norm_act(norm(name="stem_bn"), x, act)
         return max_pool(x, 3, 2, padding=1)
 
     @nn.compact
@@ -186,7 +187,7 @@ class DenseNet(nn.Module):
             if b + 1 < len(self.block_config):
                 features = math.floor(x.shape[-1] * self.compression)
                 x = Transition(features, conv, norm, act, name=f"transition{b + 1}")(x)
-        x = act(norm(name="final_bn")(x))
+        x = norm_act(norm(name="final_bn"), x, act)
         x = global_avg_pool(x)
         return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=FC_INIT, name="fc")(x)
 
