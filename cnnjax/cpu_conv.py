@@ -85,7 +85,7 @@ Array = jax.Array
 # persistent compilation cache.
 #
 # Native weight gradient: the float32 layers of the forms taps, narrow, onednn and native (one
-# group, no dilation, non-negative padding, a multiple of 8 filters or at most
+# group, no dilation, non-negative padding, 8 filters or more or at most
 # cpu_kernels.NARROW_CHANNELS input channels: LeNet-5's C1, 1 -> 6) take dL/dw from
 # cnnjax/cpu_kernels.cc, a kernel built on first use with the machine's C++ compiler
 # (cnnjax/cpu_kernels.py), where XLA:CPU would copy the input to CHWN and run Eigen's generic
@@ -121,7 +121,7 @@ Array = jax.Array
 # whose forward pass, input gradient and weight gradient are all custom calls, stores nothing: in
 # interleaved runs (session 11) resnet20 trained 3.5% faster without the store, vgg16 at 32 px 4%,
 # resnet18, resnet50 and googlenet within noise. It keeps the store where its weight gradient is
-# XLA's (a filter count that is not a multiple of 8, on more than 8 channels), and so does
+# XLA's (fewer than 8 filters, on more than 8 channels), and so does
 # "native", where oneDNN is off (XLA's forward pass and input gradient would fuse the input's
 # producers into their loops).
 
@@ -383,7 +383,7 @@ def _cpu_form(lhs: Array, rhs: Array, strides: tuple[int, int], padding: Any, lh
         if onednn.enabled() and onednn.available() and _onednn_beside(form, rhs.shape):
             return "onednn"
         if form is None and cpu_kernels.usable() and (
-                rhs.shape[3] % 8 == 0 or _gather_forward(lhs, rhs, strides, padding)
+                rhs.shape[3] >= 8 or _gather_forward(lhs, rhs, strides, padding)
                 or _gather_input_gradient(lhs, rhs)):
             return "native"
     return form
@@ -538,7 +538,7 @@ def _input_gradient(conv: Callable[[Array, Array], Array], form: str, x: Array, 
 def _weight_gradient(conv: Callable[[Array, Array], Array], x: Array, w: Array, g: Array,
                      strides: tuple[int, int], padding: Any) -> Array:
     """dL/dw of `conv` (undilated NHWC, one group) at (x, w) from its output gradient g: cnnjax's
-    CPU kernel for float32 with non-negative padding and a multiple of 8 filters or at most
+    CPU kernel for float32 with non-negative padding and 8 filters or more or at most
     NARROW_CHANNELS input channels ("native weight gradient" above), else XLA's."""
     if g.dtype == jnp.float32 and _native_weight_gradient(x, w, strides, padding):
         pads = pad_pairs(x.shape[1:3], w.shape[:2], strides, padding)
@@ -548,10 +548,11 @@ def _weight_gradient(conv: Callable[[Array, Array], Array], x: Array, w: Array, 
 
 def _native_weight_gradient(x: Array, w: Array, strides: tuple[int, int], padding: Any) -> bool:
     """Whether cnnjax's CPU kernel takes this layer's weight gradient: float32, non-negative
-    padding, a multiple of 8 filters (vector blocks) or at most NARROW_CHANNELS input channels
-    (expanded rows), the kernel built and checked."""
+    padding, 8 filters or more (vector blocks, the last partly filled where they are no multiple
+    of 8) or at most NARROW_CHANNELS input channels (expanded rows), the kernel built and
+    checked."""
     pads = pad_pairs(x.shape[1:3], w.shape[:2], strides, padding)
-    filters = w.shape[3] % 8 == 0 or x.shape[3] <= cpu_kernels.NARROW_CHANNELS
+    filters = w.shape[3] >= 8 or x.shape[3] <= cpu_kernels.NARROW_CHANNELS
     return (x.dtype == w.dtype == jnp.float32 and filters
             and min(p for pair in pads for p in pair) >= 0
             and cpu_kernels.usable())

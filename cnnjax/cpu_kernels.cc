@@ -15,9 +15,12 @@
 // 8) in 12 of 16. Output channels left over after the widest vectors go 8 at a time. The AVX-512
 // blocks ran resnet20's layers 1.5x to 1.8x faster than the AVX ones on the development machine
 // (2.0 to 2.5 against 3.3 to 3.8 ms at batch 128, benchmarks/RESULTS.md). Reads stay in place
-// (NHWC, no copy); padding is handled by each tap's range of valid output pixels. C_out must be a
-// multiple of 8 (cnnjax/cpu_conv.py keeps XLA's kernel for the rest: with LeNet-5's 6 filters a
-// scalar loop here was 5x slower than XLA).
+// (NHWC, no copy); padding is handled by each tap's range of valid output pixels. Where C_out is
+// no multiple of 8 (DenseNet-BC's growth of 12) the rest after the whole vectors is one vector,
+// partly filled (LoadPart / StorePart): 48 -> 12 at 32 and 16 px, batch 64, 1.6x-2.0x as fast as
+// XLA's weight gradient, at 8 px 1.05x-1.6x (benchmarks/RESULTS.md). Fewer than 8 filters, and
+// other counts on at most 8 input channels, take the expanded rows below (a scalar loop for
+// LeNet-5's 6 filters here was 5x slower than XLA).
 //
 // Work is split into (group of images, block of taps) chunks handed out through an atomic counter
 // to XLA's intra-op thread pool and the calling thread; each worker sums into its own buffer, added
@@ -113,10 +116,13 @@ struct Range {
 
 // out[c0 + c, o0 + L*v + k] += sum over the range's pixels of x[pixel + tap, c0 + c] *
 // g[pixel, o0 + L*v + k] for c < CB, v < V, where Vec holds L floats: CB * V vector accumulators.
-template <typename Vec, int CB, int V>
+// Part: one vector of vw, of which only the co - o0 < L channels left (LoadPart, StorePart).
+template <typename Vec, int CB, int V, bool Part = false>
 void Block(const Conv& s, const float* x, const float* g, const Range& r, int64_t c0, int64_t o0,
            float* out) {
   constexpr int L = sizeof(Vec) / sizeof(float);
+  static_assert(!Part || (V == 1 && std::is_same_v<Vec, vw>), "a part is one vector of vw");
+  const int64_t part = s.co - o0;
   Vec acc[CB][V];
   for (int c = 0; c < CB; ++c)
     for (int v = 0; v < V; ++v) acc[c][v] = Vec{};
@@ -128,7 +134,11 @@ void Block(const Conv& s, const float* x, const float* g, const Range& r, int64_
       const float* gp = g + ((n * s.ho + oh) * s.wo + r.ow0) * s.co + o0;
       for (int64_t ow = r.ow0; ow < r.ow1; ++ow, xp += x_step, gp += s.co) {
         Vec gv[V];
-        for (int v = 0; v < V; ++v) gv[v] = Load<Vec>(gp + L * v);
+        if constexpr (Part) {
+          gv[0] = LoadPart(gp, part);
+        } else {
+          for (int v = 0; v < V; ++v) gv[v] = Load<Vec>(gp + L * v);
+        }
         for (int c = 0; c < CB; ++c) {
           const float xc = xp[c];
           for (int v = 0; v < V; ++v) acc[c][v] += xc * gv[v];
@@ -139,7 +149,10 @@ void Block(const Conv& s, const float* x, const float* g, const Range& r, int64_
   for (int c = 0; c < CB; ++c)
     for (int v = 0; v < V; ++v) {
       float* o = out + (c0 + c) * s.co + o0 + L * v;
-      Store(o, Load<Vec>(o) + acc[c][v]);
+      if constexpr (Part)
+        StorePart(o, LoadPart(o, part) + acc[c][v], part);
+      else
+        Store(o, Load<Vec>(o) + acc[c][v]);
     }
 }
 
@@ -174,13 +187,13 @@ void EqualBlocks(int64_t count, int64_t most, const Fn& fn) {
 }
 
 // Input channels [0, ci) in near-equal blocks of at most MaxChannels<V>(), each against output
-// channels [o0, o0 + V * lanes of Vec).
-template <typename Vec, int V>
+// channels [o0, o0 + V * lanes of Vec) (Part: [o0, co)).
+template <typename Vec, int V, bool Part = false>
 void Channels(const Conv& s, const float* x, const float* g, const Range& r, int64_t o0,
               float* out) {
   EqualBlocks(s.ci, MaxChannels<V>(), [&](int64_t c0, int64_t cb) {
     WithConstant<1, MaxChannels<V>()>(cb, [&](auto c) {
-      Block<Vec, decltype(c)::value, V>(s, x, g, r, c0, o0, out);
+      Block<Vec, decltype(c)::value, V, Part>(s, x, g, r, c0, o0, out);
     });
   });
 }
@@ -217,7 +230,11 @@ void Chunk(const Conv& s, const float* x, const float* g, int64_t n0, int64_t n1
   int64_t o0 = 0;
   for (; o0 + 2 * L <= s.co; o0 += 2 * L) Channels<vw, 2>(s, x, g, r, o0, out);
   for (; o0 + L <= s.co; o0 += L) Channels<vw, 1>(s, x, g, r, o0, out);
-  for (; o0 + 8 <= s.co; o0 += 8) Channels<v8, 1>(s, x, g, r, o0, out);
+  if ((s.co - o0) % 8 == 0) {
+    for (; o0 < s.co; o0 += 8) Channels<v8, 1>(s, x, g, r, o0, out);
+  } else {
+    Channels<vw, 1, true>(s, x, g, r, o0, out);  // the rest in one vector, partly filled
+  }
 }
 
 // With as many output channels as one vector holds (16 with AVX-512: CIFAR ResNets' first stage),
@@ -324,7 +341,7 @@ int64_t Threads(ffi::ThreadPool& pool, int64_t chunks) {
   return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), chunks));
 }
 
-// --- weight gradient of layers whose filters are not a multiple of 8 ---------------------------
+// --- weight gradient of layers of few filters and few input channels -----------------------------
 //
 // LeNet-5's C1 (1 -> 6 channels, 5x5) has 6 filters: too few for a vector of output channels, so
 // the blocks above cannot take it, and XLA's convolution ran it at 0.45-0.52 ms of the 3 ms step
@@ -447,7 +464,7 @@ ffi::Error WeightGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
         "cnnjax conv weight gradient: expects x [N,H,W,Ci], g [N,Ho,Wo,Co], dw [kh,kw,Ci,Co], "
         "strides >= 1, pads >= 0");
   const Conv s{xd[0], xd[1], xd[2], xd[3], gd[1], gd[2], gd[3], wd[0], wd[1], sh, sw, pt, pl};
-  if (s.co % 8 != 0) {
+  if (s.co < 8 || (s.co % 8 != 0 && s.ci <= 8)) {
     ExpandedWeightGradient(pool, s, x.typed_data(), g.typed_data(), dw->typed_data());
     return ffi::Error::Success();
   }

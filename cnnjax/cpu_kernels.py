@@ -132,7 +132,8 @@ def weight_gradient(x: Array, g: Array, kernel: Sequence[int], strides: Sequence
                     padding: Sequence[tuple[int, int]]) -> Array:
     """dL/dw [kh, kw, C_in, C_out] of an NHWC convolution (one group, no dilation) of float32 x with
     explicit non-negative `padding`, from its output gradient g: in vector blocks of output
-    channels where C_out is a multiple of 8, else over expanded rows of x (cnnjax/cpu_kernels.cc;
+    channels (the last partly filled where C_out is no multiple of 8) where C_out is at least 8
+    and a multiple of 8 or C_in more than 8, else over expanded rows of x (cnnjax/cpu_kernels.cc;
     cnnjax/cpu_conv.py sends it those layers of at most NARROW_CHANNELS input channels). CPU only;
     `available()` first."""
     _register()
@@ -346,14 +347,14 @@ def _check_conv(rng: np.random.Generator) -> None:
 
 @functools.cache
 def available() -> bool:
-    """Whether this process can use the kernels: one CPU device in one process (a custom
-    call has no SPMD rule, so a sharded program would gather its inputs), the library builds, its
-    weight gradient matches XLA's on small cases (strided with asymmetric padding, a non-square
-    kernel, 8, 24 and 40 output channels: every vector block the build has; 6, in expanded rows
-    with a segment per tap and shared), `conv` and
+    """Whether this process can use the kernels: one CPU device in one process (a custom call has
+    no SPMD rule, so a sharded program would gather its inputs), the library builds, its weight
+    gradient matches XLA's on small cases (strided with asymmetric padding, a non-square kernel, 8,
+    24 and 40 output channels: every vector block the build has; 12 from 10, the last vector
+    partly filled; 6, in expanded rows with a segment per tap and shared), `conv` and
     `input_gradient` match XLA's convolution and its gradient, and `norm_act` and its gradient
-    match autodiff of their formula. Checked once per process (about 0.3 s, plus the
-    build the first time on a machine: about 20 s)."""
+    match autodiff of their formula. Checked once per process (about 0.3 s, plus the build the
+    first time on a machine: about 20 s)."""
     try:
         if not single_cpu_process():
             return False
@@ -362,6 +363,7 @@ def available() -> bool:
         cases = [((3, 9, 8, 7), (3, 2, 7, 24), (2, 1), ((1, 2), (0, 1))),
                  ((2, 6, 5, 3), (5, 3, 3, 8), (1, 2), ((2, 2), (1, 1))),
                  ((2, 5, 5, 20), (3, 3, 20, 40), (1, 1), ((1, 1), (1, 1))),
+                 ((2, 6, 5, 10), (3, 3, 10, 12), (1, 1), ((1, 1), (1, 0))),
                  ((2, 7, 9, 2), (5, 3, 2, 6), (1, 2), ((2, 1), (1, 0))),
                  ((2, 8, 8, 1), (5, 5, 1, 6), (1, 1), ((0, 0), (0, 0)))]
         for x_shape, w_shape, strides, padding in cases:

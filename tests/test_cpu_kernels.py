@@ -55,9 +55,11 @@ def test_usable_means_enabled_then_available(monkeypatch):
 # 2-vector blocks [four]); input channels in one block (16 against 1 vector) or split (20 and 64
 # against 2 vectors: blocks of at most 12 [6]); strided, asymmetric and zero padding; one image with
 # AlexNet's 11x11 stride-4 stem; 4x4 maps, where a chunk holds several images. Filters that are not
-# a multiple of 8 take the expanded rows: LeNet-5's C1 (1 -> 6, 5x5), 5 filters at strides (2, 1)
-# and 12 at (1, 2) (a segment per tap) with padding, and a 7x7 kernel's 49 taps (two blocks of
-# accumulators). With AVX-512, three taps wide at stride 1 along the width and 16 output channels
+# a multiple of 8 take the expanded rows where they are fewer than 8 or the input channels at most
+# 8: LeNet-5's C1 (1 -> 6, 5x5), 5 filters at strides (2, 1) and 12 at (1, 2) (a segment per tap)
+# with padding, and a 7x7 kernel's 49 taps (two blocks of accumulators); else vector blocks whose
+# last vector holds the rest, partly filled: DenseNet-BC's 48 -> 12, 20 -> 13 at stride 2 and 17 ->
+# 30 (a vector, then 14 in one). With AVX-512, three taps wide at stride 1 along the width and 16 output channels
 # take the kernel-row blocks
 # (`RowBlock`): 16 input channels (blocks of 8), 13 (7 and 6), a row stride of 2, no padding on the
 # left and two on the right, and 3x3 over 5x5 and 9x9 maps.
@@ -75,6 +77,9 @@ CASES = [
     ((4, 9, 11, 3), (3, 2, 3, 5), (2, 1), ((1, 2), (0, 1))),
     ((3, 7, 8, 2), (3, 3, 2, 12), (1, 2), ((1, 1), (2, 0))),
     ((2, 10, 10, 1), (7, 7, 1, 6), (1, 1), ((3, 3), (3, 3))),
+    ((2, 8, 8, 48), (3, 3, 48, 12), (1, 1), ((1, 1), (1, 1))),
+    ((2, 7, 7, 20), (3, 3, 20, 13), (2, 2), ((1, 1), (0, 1))),
+    ((2, 9, 9, 17), (3, 3, 17, 30), (1, 1), ((1, 1), (1, 1))),
 ]
 
 
@@ -329,7 +334,7 @@ def test_generic_layers_take_the_gather_kernel_where_their_channels_fit(
     # Where every pass is a custom call, nothing is stored for the backward pass; a filter count
     # that is no multiple of 8 (on more than 8 channels) keeps XLA's weight gradient, and so the
     # store.
-    native_weight_gradient = w_shape[3] % 8 == 0 or x_shape[3] <= cpu_kernels.NARROW_CHANNELS
+    native_weight_gradient = w_shape[3] >= 8 or x_shape[3] <= cpu_kernels.NARROW_CHANNELS
     in_place = native_weight_gradient and (onednn_setting == "on" or calls == (1, 1))
     assert (" conditional(" in hlo) == (not in_place)
     # GPUs and TPUs never see the calls (`lax.platform_dependent`).
