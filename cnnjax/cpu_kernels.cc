@@ -341,7 +341,7 @@ int64_t Threads(ffi::ThreadPool& pool, int64_t chunks) {
   return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), chunks));
 }
 
-// --- weight gradient of layers of few filters and few input channels -----------------------------
+// --- weight gradient of layers of few filters or few input channels ------------------------------
 //
 // LeNet-5's C1 (1 -> 6 channels, 5x5) has 6 filters: too few for a vector of output channels, so
 // the blocks above cannot take it, and XLA's convolution ran it at 0.45-0.52 ms of the 3 ms step

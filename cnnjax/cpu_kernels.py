@@ -133,9 +133,9 @@ def weight_gradient(x: Array, g: Array, kernel: Sequence[int], strides: Sequence
     """dL/dw [kh, kw, C_in, C_out] of an NHWC convolution (one group, no dilation) of float32 x with
     explicit non-negative `padding`, from its output gradient g: in vector blocks of output
     channels (the last partly filled where C_out is no multiple of 8) where C_out is at least 8
-    and a multiple of 8 or C_in more than 8, else over expanded rows of x (cnnjax/cpu_kernels.cc;
-    cnnjax/cpu_conv.py sends it those layers of at most NARROW_CHANNELS input channels). CPU only;
-    `available()` first."""
+    and either a multiple of 8 or C_in is more than 8, else over expanded rows of x
+    (cnnjax/cpu_kernels.cc; cnnjax/cpu_conv.py sends it those layers of at most NARROW_CHANNELS
+    input channels). CPU only; `available()` first."""
     _register()
     (kh, kw), (sh, sw), ((pt, _), (pl, _)) = kernel, strides, padding
     call = jax.ffi.ffi_call(WEIGHT_GRADIENT,

@@ -59,10 +59,10 @@ def test_usable_means_enabled_then_available(monkeypatch):
 # 8: LeNet-5's C1 (1 -> 6, 5x5), 5 filters at strides (2, 1) and 12 at (1, 2) (a segment per tap)
 # with padding, and a 7x7 kernel's 49 taps (two blocks of accumulators); else vector blocks whose
 # last vector holds the rest, partly filled: DenseNet-BC's 48 -> 12, 20 -> 13 at stride 2 and 17 ->
-# 30 (a vector, then 14 in one). With AVX-512, three taps wide at stride 1 along the width and 16 output channels
-# take the kernel-row blocks
-# (`RowBlock`): 16 input channels (blocks of 8), 13 (7 and 6), a row stride of 2, no padding on the
-# left and two on the right, and 3x3 over 5x5 and 9x9 maps.
+# 30 (a vector, then 14 in one). With AVX-512, three taps wide at stride 1 along the width and 16
+# output channels take the kernel-row blocks (`RowBlock`): 16 input channels (blocks of 8), 13 (7
+# and 6), a row stride of 2, no padding on the left and two on the right, and 3x3 over 5x5 and 9x9
+# maps.
 CASES = [
     ((2, 7, 7, 20), (3, 3, 20, 40), (1, 1), ((1, 1), (1, 1))),
     ((4, 12, 12, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1))),
@@ -331,9 +331,8 @@ def test_generic_layers_take_the_gather_kernel_where_their_channels_fit(
         assert onednn_calls == 0
     else:  # the rest oneDNN's: its input gradient at stride 2 one call per phase (4 for 3x3)
         assert onednn_calls == (1 - calls[0]) + (1 - calls[1]) * (1 if strides == (1, 1) else 4)
-    # Where every pass is a custom call, nothing is stored for the backward pass; a filter count
-    # that is no multiple of 8 (on more than 8 channels) keeps XLA's weight gradient, and so the
-    # store.
+    # Where every pass is a custom call, nothing is stored for the backward pass; fewer than 8
+    # filters (on more than 8 channels) keep XLA's weight gradient, and so the store.
     native_weight_gradient = w_shape[3] >= 8 or x_shape[3] <= cpu_kernels.NARROW_CHANNELS
     in_place = native_weight_gradient and (onednn_setting == "on" or calls == (1, 1))
     assert (" conditional(" in hlo) == (not in_place)
