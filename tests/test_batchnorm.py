@@ -186,13 +186,9 @@ def test_accelerators_never_see_the_native_op(platform):
     assert "cnnjax_norm_act" not in export.export(fn, platforms=[platform])(x).mlir_module()
 
 
-@pytest.mark.skipif(not cpu_kernels.available(), reason="cnnjax's CPU kernels did not build here")
-def test_resnet_blocks_call_the_native_op():
-    # A one-block CIFAR ResNet: the stem's BN + ReLU, the block's bn1 + ReLU and bn2 + shortcut +
-    # ReLU, each one call forward and one backward.
-    from cnnjax.models import resnet
-
-    model = resnet.CifarResNet(stage_sizes=(1,), width=8, num_classes=3)
+def _native_calls(model: nn.Module) -> dict[str, list[str]]:
+    """The HLO lines of the native batch-norm calls (forward, backward) in `model`'s compiled
+    gradient on a 2x8x8x3 input, in training mode within `blocked_sums()`."""
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
     variables = model.init(jax.random.key(1), x)
 
@@ -203,8 +199,18 @@ def test_resnet_blocks_call_the_native_op():
 
     with batchnorm.blocked_sums():
         hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).compile().as_text()
-    for target in (cpu_kernels.NORM_ACT, cpu_kernels.NORM_ACT_BACKWARD):
-        assert hlo.count(f'custom_call_target="{target}"') == 3
+    return {target: [line for line in hlo.splitlines() if f'custom_call_target="{target}"' in line]
+            for target in (cpu_kernels.NORM_ACT, cpu_kernels.NORM_ACT_BACKWARD)}
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="cnnjax's CPU kernels did not build here")
+def test_resnet_blocks_call_the_native_op():
+    # A one-block CIFAR ResNet: the stem's BN + ReLU, the block's bn1 + ReLU and bn2 + shortcut +
+    # ReLU, each one call forward and one backward.
+    from cnnjax.models import resnet
+
+    calls = _native_calls(resnet.CifarResNet(stage_sizes=(1,), width=8, num_classes=3))
+    assert [len(lines) for lines in calls.values()] == [3, 3]
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason="cnnjax's CPU kernels did not build here")
@@ -214,17 +220,7 @@ def test_densenet_norms_take_their_relu_into_the_native_op():
     # pass over every layer's input: benchmarks/RESULTS.md, session 21).
     from cnnjax.models import densenet
 
-    model = densenet.DenseNet(block_config=(1, 1), growth_rate=4, stem="cifar", num_classes=3)
-    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
-    variables = model.init(jax.random.key(1), x)
-
-    def loss(params):
-        logits, _ = model.apply({**variables, "params": params}, x, train=True,
-                                mutable=["batch_stats"])
-        return jnp.sum(logits)
-
-    with batchnorm.blocked_sums():
-        hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).compile().as_text()
-    for target in (cpu_kernels.NORM_ACT, cpu_kernels.NORM_ACT_BACKWARD):
-        calls = [line for line in hlo.splitlines() if f'custom_call_target="{target}"' in line]
-        assert len(calls) == 6 and all("relu = true" in line for line in calls), calls
+    calls = _native_calls(densenet.DenseNet(block_config=(1, 1), growth_rate=4, stem="cifar",
+                                            num_classes=3))
+    for lines in calls.values():
+        assert len(lines) == 6 and all("relu = true" in line for line in lines), lines
