@@ -382,9 +382,10 @@ def _cpu_form(lhs: Array, rhs: Array, strides: tuple[int, int], padding: Any, lh
             strides, preferred_element_type):
         if onednn.enabled() and onednn.available() and _onednn_beside(form, rhs.shape):
             return "onednn"
-        if form is None and cpu_kernels.usable() and (
-                rhs.shape[3] >= 8 or _gather_forward(lhs, rhs, strides, padding)
-                or _gather_input_gradient(lhs, rhs)):
+        # Each of the three checks that the kernels are usable.
+        if form is None and (_native_weight_gradient(lhs, rhs, strides, padding)
+                             or _gather_forward(lhs, rhs, strides, padding)
+                             or _gather_input_gradient(lhs, rhs)):
             return "native"
     return form
 
